@@ -1,0 +1,37 @@
+# Everything installs into .venv; torch==2.13.0 goes in first so pip never pulls a CUDA build here.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: install test demo lint chaos bench crd clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[trainer,operator,dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+demo: install
+	HF_HUB_OFFLINE=1 $(PY) -m lora_trainer.demo
+
+lint: install
+	$(PY) -m ruff check .
+
+chaos: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests/e2e/test_chaos.py -s
+
+bench: install
+	HF_HUB_OFFLINE=1 $(PY) bench/run_all.py
+
+crd: install
+	$(VENV)/bin/lora-operator crd > crds/loratrainingjobs.lora-operator.dev.yaml
+
+clean:
+	rm -rf .demo .dev

@@ -1,0 +1,229 @@
+"""The trainer's configuration: one pydantic model, lora-scripts snake_case or CRD camelCase.
+
+This module imports no torch: the operator uses it to validate job specs and to render the CRD.
+
+Choices where lora-scripts and the issue are silent:
+- `epochs` or `max_train_steps` must be set; when both are, `max_train_steps` wins.
+- `lora_alpha` defaults to `lora_rank` (scale 1.0), as the diffusers training scripts do.
+- `save_steps` unset means no intermediate checkpoints (a SIGTERM still commits one).
+- `keep_last: 0` keeps every checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+from lora_trainer.errors import ConfigError
+
+DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+DEFAULT_TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+LrScheduler = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+Task = Literal["text-to-image"]
+
+# Constrained types shared with the operator's job spec, so the CRD says what the trainer checks.
+Rank = Annotated[int, Field(ge=1, le=1024, description="LoRA rank (r): width of the low-rank update.")]
+Alpha = Annotated[float, Field(gt=0, le=4096, description="LoRA alpha; the update is scaled by alpha/rank.")]
+Resolution = Annotated[
+    int,
+    Field(ge=8, le=4096, multiple_of=8, description="Training resolution in pixels (square crops)."),
+]
+BatchSize = Annotated[int, Field(ge=1, le=1024, description="Images per optimizer micro-batch.")]
+AccumSteps = Annotated[int, Field(ge=1, le=1024, description="Micro-batches per optimizer step.")]
+LearningRate = Annotated[float, Field(gt=0, le=1, description="Peak learning rate for AdamW.")]
+Steps = Annotated[int, Field(ge=1, le=10_000_000)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="Seed for every random choice in training.")]
+
+
+class _Model(BaseModel):
+    """Accepts snake_case and camelCase keys; unknown keys are an error that names them."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        loc_by_alias=False,  # errors name fields the way lora-scripts users write them
+    )
+
+
+class S3Config(_Model):
+    """Where S3-compatible storage lives; credentials come only from the AWS_* environment."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint, e.g. http://minio.minio:9000; unset for AWS.")
+    region: str | None = Field(None, description="Region name, e.g. us-east-1 (R2: auto).")
+    path_style: bool = Field(True, description="Path-style addressing (MinIO, moto); false for virtual-hosted.")
+    max_attempts: int = Field(8, ge=1, le=50, description="Retries per request before the store counts as down.")
+    connect_timeout: float = Field(5.0, gt=0, le=300, description="Seconds to wait for a connection.")
+    read_timeout: float = Field(30.0, gt=0, le=3600, description="Seconds to wait for a response.")
+
+
+class TrainConfig(_Model):
+    """Everything one LoRA training run needs; `lora-train --config` reads it from YAML."""
+
+    task: Task = Field("text-to-image", description="What is trained; only text-to-image for now.")
+    base_model: str = Field(
+        ..., min_length=1, description="Diffusers model folder: local path, file://, or s3://bucket/prefix."
+    )
+    train_data_dir: str = Field(
+        ..., min_length=1, description="Folder of images with captions: local path, file://, or s3://."
+    )
+    metadata_path: str | None = Field(
+        None, description="Captions CSV (file_name,text), relative to train_data_dir; default metadata.csv if present."
+    )
+    caption_extension: str = Field(".txt", description="Sidecar caption extension when there is no metadata CSV.")
+    output_dir: str = Field(..., min_length=1, description="Where outputs go: local path, file://, or s3://.")
+
+    resolution: Resolution = 512
+    center_crop: bool = Field(True, description="Centre crop after resizing; false crops at random.")
+    random_flip: bool = Field(False, description="Flip images horizontally at random.")
+
+    lora_rank: Rank = 8
+    lora_alpha: Alpha | None = None
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        min_length=1,
+        description="UNet modules that get LoRA adapters.",
+    )
+    train_text_encoder: bool = Field(False, description="Also train a LoRA on the CLIP text encoder.")
+    text_encoder_target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TEXT_ENCODER_TARGET_MODULES),
+        min_length=1,
+        description="Text-encoder modules that get LoRA adapters.",
+    )
+
+    batch_size: BatchSize = 1
+    gradient_accumulation_steps: AccumSteps = 1
+    epochs: Steps | None = Field(None, description="Passes over the dataset (used when max_train_steps is unset).")
+    max_train_steps: Steps | None = Field(None, description="Optimizer steps to train; wins over epochs.")
+    learning_rate: LearningRate = 1e-4
+    text_encoder_lr: float | None = Field(None, gt=0, le=1, description="Text-encoder LR; default learning_rate.")
+    lr_scheduler: LrScheduler = Field("constant", description="Learning-rate schedule.")
+    lr_warmup_steps: int = Field(0, ge=0, le=10_000_000, description="Linear warm-up steps.")
+    lr_num_cycles: int = Field(1, ge=1, le=1000, description="Cycles for cosine_with_restarts.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(1e-2, ge=0, le=1)
+    adam_epsilon: float = Field(1e-8, gt=0, le=1)
+    mixed_precision: MixedPrecision = Field(
+        "no", description="Autocast precision on CUDA; on CPU training always runs in fp32."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.")
+    noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise strength (0 disables).")
+    seed: Seed = 42
+
+    save_steps: Steps | None = Field(None, description="Commit a resumable checkpoint every N steps.")
+    keep_last: int = Field(3, ge=0, le=10_000, description="Committed checkpoints to keep; 0 keeps all.")
+    log_every: int = Field(10, ge=1, le=100_000, description="Steps between plain log lines and scalars.")
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present.")
+    s3: S3Config = Field(default_factory=S3Config)
+    cache_dir: str | None = Field(None, description="Local cache for base model and dataset downloads.")
+    work_dir: str | None = Field(None, description="Local scratch folder; default a folder under cache_dir.")
+    preemption_grace_seconds: float = Field(
+        25.0, gt=0, le=3600, description="Budget to commit a checkpoint after SIGTERM before giving up on it."
+    )
+    allow_config_change: bool = Field(
+        False, description="Resume even if training-defining fields changed since the checkpoint (dangerous)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.epochs is None and self.max_train_steps is None:
+            raise ValueError("set epochs or max_train_steps (e.g. max_train_steps: 1000)")
+        if self.lr_warmup_steps and self.max_train_steps and self.lr_warmup_steps > self.max_train_steps:
+            raise ValueError(
+                f"lr_warmup_steps ({self.lr_warmup_steps}) exceeds max_train_steps ({self.max_train_steps})"
+            )
+        return self
+
+    @property
+    def alpha(self) -> float:
+        """The effective LoRA alpha (defaults to the rank)."""
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+
+# Fields whose change makes a resumed run train something else; output/infra fields are not here.
+TRAINING_FIELDS: tuple[str, ...] = (
+    "task", "base_model", "train_data_dir", "metadata_path", "caption_extension", "resolution",
+    "center_crop", "random_flip", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
+    "train_text_encoder", "text_encoder_target_modules", "batch_size", "gradient_accumulation_steps",
+    "epochs", "max_train_steps", "learning_rate", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps",
+    "lr_num_cycles", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+    "mixed_precision", "noise_offset", "seed",
+)
+
+
+def training_fields(config: TrainConfig) -> dict[str, Any]:
+    """The training-defining subset of a config, as plain JSON data."""
+    data = config.model_dump(mode="json")
+    return {name: data[name] for name in TRAINING_FIELDS}
+
+
+def config_hash(config: TrainConfig) -> str:
+    """sha256 of the training-defining fields: equal hashes mean a resume trains the same thing."""
+    canonical = json.dumps(training_fields(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Names of training-defining fields whose values differ between two `training_fields` dicts."""
+    return sorted(name for name in set(old) | set(new) if old.get(name) != new.get(name))
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line per problem: `field: message (got value)`, joined by '; '."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{prefix}{loc}: {msg}{shown}")
+    return "; ".join(parts)
+
+
+def parse_config(data: Any, source: str = "config") -> TrainConfig:
+    """Validate plain data into a TrainConfig, or raise ConfigError naming the fields."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_validation_error(exc)}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config file (snake_case or camelCase keys) and apply CLI overrides."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config file ({exc.strerror}); check the --config path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{where}; fix the syntax") from None
+    data = dict(data) if isinstance(data, dict) else data
+    if overrides and isinstance(data, dict):
+        data.update(overrides)
+    return parse_config(data, source=str(p))
+
+
+def dump_config(config: TrainConfig) -> str:
+    """The resolved config as YAML (snake_case), for config_backup.yaml and pod handoff."""
+    return yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False)

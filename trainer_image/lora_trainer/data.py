@@ -1,0 +1,186 @@
+"""Datasets: scan a folder of captioned images, check it before training, and serve exact batches.
+
+Captions come from `metadata.csv` (columns file_name,text) when present, else same-stem sidecar
+files (`.txt` by default). Every random choice (epoch order, crop offset, flip) is derived from
+(seed, epoch, index), so a resumed run sees exactly the samples an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from lora_trainer.errors import DatasetError, InputMissing
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DEFAULT_METADATA = "metadata.csv"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training image and its caption."""
+
+    path: Path
+    caption: str
+
+
+@dataclass
+class DatasetReport:
+    """What a dataset check found: usable samples, warnings to show, and a fatal reason if any."""
+
+    samples: list[Sample] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    fatal: str | None = None
+
+    def summary(self) -> str:
+        """The warnings as one block for the log."""
+        head = f"dataset: {len(self.samples)} usable images, {len(self.warnings)} warnings"
+        return "\n".join([head, *(f"  - {w}" for w in self.warnings)])
+
+
+def list_images(data_dir: Path) -> list[Path]:
+    """Image files directly in data_dir, sorted by name so every node sees the same order."""
+    return sorted(p for p in data_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def read_captions(data_dir: Path, metadata_path: str | None, caption_extension: str) -> dict[str, str]:
+    """Captions by image file name, from the metadata CSV or from sidecar files."""
+    csv_path = data_dir / (metadata_path or DEFAULT_METADATA)
+    if metadata_path and not csv_path.is_file():
+        raise DatasetError(f"metadata_path: {csv_path} does not exist; fix the path or remove the setting")
+    if csv_path.is_file():
+        with csv_path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"file_name", "text"} - set(reader.fieldnames or [])
+            if missing:
+                raise DatasetError(
+                    f"{csv_path.name}: missing column(s) {', '.join(sorted(missing))}; "
+                    "the header must be file_name,text"
+                )
+            return {row["file_name"]: (row["text"] or "").strip() for row in reader if row.get("file_name")}
+    captions = {}
+    for image in list_images(data_dir):
+        sidecar = image.with_suffix(caption_extension)
+        if sidecar.is_file():
+            captions[image.name] = sidecar.read_text(encoding="utf-8").strip()
+    return captions
+
+
+def check_dataset(
+    data_dir: Path, resolution: int, metadata_path: str | None = None, caption_extension: str = ".txt"
+) -> DatasetReport:
+    """Check every image before training: unreadable, uncaptioned, too small; empty is fatal."""
+    if not data_dir.is_dir():
+        raise InputMissing(f"train_data_dir: {data_dir} is not a folder; point it at your images")
+    report = DatasetReport()
+    captions = read_captions(data_dir, metadata_path, caption_extension)
+    for image in list_images(data_dir):
+        try:
+            with Image.open(image) as im:
+                im.verify()
+            with Image.open(image) as im:
+                width, height = im.size
+                im.load()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            report.warnings.append(f"{image.name}: unreadable image, skipped ({type(exc).__name__})")
+            continue
+        caption = captions.get(image.name, "")
+        if not caption:
+            report.warnings.append(f"{image.name}: no caption, skipped (add it to metadata.csv or a .txt file)")
+            continue
+        if min(width, height) < resolution:
+            report.warnings.append(
+                f"{image.name}: {width}x{height} is smaller than resolution {resolution}, will be upscaled"
+            )
+        report.samples.append(Sample(image, caption))
+    if not report.samples:
+        report.fatal = (
+            f"train_data_dir: no usable captioned images in {data_dir} "
+            f"({len(report.warnings)} skipped); add images with captions"
+        )
+    return report
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes and Python versions."""
+    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled order of sample indices for one epoch."""
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch, 0x0DE4))
+    return torch.randperm(n, generator=g).tolist()
+
+
+def load_image(path: Path, resolution: int, center_crop: bool, flip: bool, seed: int) -> torch.Tensor:
+    """Resize the short side to `resolution`, crop a square, maybe flip; CHW float in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = resolution / min(w, h)
+        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        if center_crop:
+            left, top = (nw - resolution) // 2, (nh - resolution) // 2
+        else:
+            left, top = int(rng.integers(0, nw - resolution + 1)), int(rng.integers(0, nh - resolution + 1))
+        im = im.crop((left, top, left + resolution, top + resolution))
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    if flip and rng.random() < 0.5:
+        tensor = tensor.flip(-1)
+    return tensor
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the data stream stands: epoch and index into that epoch's shuffled order."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+class BatchStream:
+    """Serves micro-batches in a fixed order that continues across epochs and resumes exactly."""
+
+    def __init__(self, samples: list[Sample], resolution: int, center_crop: bool, random_flip: bool, seed: int):
+        self.samples = samples
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+        self.position = Position()
+        self._order: list[int] = []
+        self._order_epoch = -1
+
+    def _order_for(self, epoch: int) -> list[int]:
+        if self._order_epoch != epoch:
+            self._order = epoch_order(len(self.samples), self.seed, epoch)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, list[str]]:
+        """The next `batch_size` images (stacked) and captions; advances the position."""
+        images, captions = [], []
+        epoch, index = self.position.epoch, self.position.index
+        for _ in range(batch_size):
+            if index >= len(self.samples):
+                epoch, index = epoch + 1, 0
+            sample = self.samples[self._order_for(epoch)[index]]
+            seed = derive_seed(self.seed, epoch, index)
+            images.append(load_image(sample.path, self.resolution, self.center_crop, self.random_flip, seed))
+            captions.append(sample.caption)
+            index += 1
+        self.position = Position(epoch, index)
+        return torch.stack(images), captions

@@ -1,0 +1,56 @@
+"""Progress for people: a live bar on a terminal, periodic plain log lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class ProgressReporter:
+    """Tracks step rate, loss and ETA; draws a tqdm bar on a TTY or logs every `every` steps."""
+
+    def __init__(self, total: int, start: int = 0, every: int = 10, tty: bool | None = None):
+        self.total = total
+        self.start_step = start
+        self.every = every
+        self.last_loss: float | None = None
+        self._t0 = time.monotonic()
+        self._step = start
+        use_tty = sys.stderr.isatty() if tty is None else tty
+        self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True) if use_tty else None
+
+    @property
+    def rate(self) -> float | None:
+        """Optimizer steps per second since this attempt started."""
+        done = self._step - self.start_step
+        elapsed = time.monotonic() - self._t0
+        return done / elapsed if done > 0 and elapsed > 0 else None
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds until the last step at the current rate."""
+        rate = self.rate
+        return (self.total - self._step) / rate if rate else None
+
+    def update(self, step: int, loss: float) -> None:
+        """Record a finished optimizer step."""
+        self.last_loss = loss
+        advanced = step - self._step
+        self._step = step
+        if self._bar is not None:
+            self._bar.update(advanced)
+            self._bar.set_postfix(loss=f"{loss:.4f}")
+        elif step % self.every == 0 or step == self.total:
+            rate, eta = self.rate or 0.0, self.eta or 0.0
+            log.info("step %d/%d loss %.4f %.2f it/s eta %.0fs", step, self.total, loss, rate, eta)
+
+    def close(self) -> None:
+        """Stop drawing the bar."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

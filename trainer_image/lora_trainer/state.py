@@ -1,0 +1,181 @@
+"""Resumable training state, written as safetensors + JSON (no pickle) into one folder.
+
+The folder is what `checkpoint.commit` uploads under `checkpoints/step-<9 digits>/`:
+
+    lora_unet.safetensors / lora_text_encoder.safetensors   trainable LoRA weights, by parameter name
+    optimizer.safetensors + optimizer.json                    AdamW moments and param groups
+    scheduler.json, scaler.json                               LR scheduler and grad-scaler state
+    rng.safetensors + rng.json                                torch CPU/CUDA, Python and NumPy RNG states
+    trainer_state.json                                        step, data position, attempt, config hash
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from safetensors.torch import load_file, save_file
+
+from lora_trainer.errors import ResumeRefused
+
+UNET_WEIGHTS = "lora_unet.safetensors"
+TEXT_ENCODER_WEIGHTS = "lora_text_encoder.safetensors"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_META = "optimizer.json"
+SCHEDULER_STATE = "scheduler.json"
+SCALER_STATE = "scaler.json"
+RNG_TENSORS = "rng.safetensors"
+RNG_META = "rng.json"
+TRAINER_STATE = "trainer_state.json"
+
+
+class TrainerState(BaseModel):
+    """Where training stands: the optimizer step and the data position after it."""
+
+    step: int = 0
+    epoch: int = 0
+    index: int = 0
+    attempt: int = 0
+    config_hash: str = ""
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, sort_keys=True, indent=1))
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def save_weights(module: torch.nn.Module, path: Path) -> None:
+    """Trainable parameters of a module, by name."""
+    save_file(_contiguous({n: p for n, p in module.named_parameters() if p.requires_grad}), str(path))
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> None:
+    """Copy saved trainable parameters back in place; names must match exactly."""
+    saved = load_file(str(path))
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if set(saved) != set(params):
+        missing, extra = sorted(set(params) - set(saved))[:3], sorted(set(saved) - set(params))[:3]
+        raise ResumeRefused(
+            f"{path.name}: LoRA layout differs from this config (missing {missing}, unexpected {extra}); "
+            "the checkpoint was made with other target modules or rank"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name].to(p.device, p.dtype))
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Moments as tensors, param groups and scalar state as JSON."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in sd["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    save_file(_contiguous(tensors), str(folder / OPTIMIZER_TENSORS))
+    _write_json(folder / OPTIMIZER_META, {"param_groups": sd["param_groups"], "scalars": scalars})
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Rebuild the optimizer state dict from safetensors + JSON and load it."""
+    meta = _read_json(folder / OPTIMIZER_META)
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in load_file(str(folder / OPTIMIZER_TENSORS)).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, entry in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(entry)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_rng(folder: Path) -> None:
+    """Python, NumPy, torch CPU and CUDA RNG states."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = s
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    save_file(_contiguous(tensors), str(folder / RNG_TENSORS))
+    _write_json(
+        folder / RNG_META,
+        {
+            "python": [py_version, list(py_state), py_gauss],
+            "numpy": [np_name, np_keys.tolist(), np_pos, np_has_gauss, np_gauss],
+        },
+    )
+
+
+def load_rng(folder: Path) -> None:
+    """Restore the RNG states saved by `save_rng`."""
+    tensors = load_file(str(folder / RNG_TENSORS))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    meta = _read_json(folder / RNG_META)
+    py_version, py_state, py_gauss = meta["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    name, keys, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def save_state(
+    folder: Path,
+    state: TrainerState,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+) -> Path:
+    """Write every piece of resumable state into `folder` (created fresh)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(unet, folder / UNET_WEIGHTS)
+    if text_encoder is not None:
+        save_weights(text_encoder, folder / TEXT_ENCODER_WEIGHTS)
+    save_optimizer(optimizer, folder)
+    _write_json(folder / SCHEDULER_STATE, lr_scheduler.state_dict())
+    _write_json(folder / SCALER_STATE, scaler.state_dict() if scaler is not None else {})
+    save_rng(folder)
+    _write_json(folder / TRAINER_STATE, state.model_dump())
+    return folder
+
+
+def load_state(
+    folder: Path,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+) -> TrainerState:
+    """Restore what `save_state` wrote; returns the trainer state (step, data position)."""
+    load_weights(unet, folder / UNET_WEIGHTS)
+    if text_encoder is not None:
+        if not (folder / TEXT_ENCODER_WEIGHTS).is_file():
+            raise ResumeRefused("checkpoint has no text-encoder LoRA but train_text_encoder is on")
+        load_weights(text_encoder, folder / TEXT_ENCODER_WEIGHTS)
+    load_optimizer(optimizer, folder)
+    lr_scheduler.load_state_dict(_read_json(folder / SCHEDULER_STATE))
+    scaler_state = _read_json(folder / SCALER_STATE)
+    if scaler is not None and scaler_state:
+        scaler.load_state_dict(scaler_state)
+    load_rng(folder)
+    return TrainerState.model_validate(_read_json(folder / TRAINER_STATE))

@@ -1,0 +1,140 @@
+"""One optimizer step of LoRA training on Stable Diffusion: the math, apart from I/O.
+
+Every random draw in a micro-step (VAE sample, noise, timesteps, dropout) comes from a generator
+seeded by (seed, step, micro-step), so step N computes the same thing whether or not the process
+was restarted before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+
+from lora_trainer.config import TrainConfig
+from lora_trainer.data import BatchStream, derive_seed
+from lora_trainer.model import Components
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step measured."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+
+
+def total_steps(config: TrainConfig, n_samples: int) -> int:
+    """Optimizer steps for the run: max_train_steps, or epochs over the dataset."""
+    if config.max_train_steps is not None:
+        return config.max_train_steps
+    per_step = config.batch_size * config.gradient_accumulation_steps
+    return max(1, math.ceil((config.epochs or 1) * n_samples / per_step))
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the LoRA parameters, with the config's betas, decay and epsilon."""
+    return torch.optim.AdamW(
+        params,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+        foreach=False,  # the single-tensor path keeps CPU results bit-identical across processes
+    )
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int):
+    """The configured LR schedule (diffusers' get_scheduler, stepped once per optimizer step)."""
+    return get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=steps,
+        num_cycles=config.lr_num_cycles,
+    )
+
+
+def encode_prompts(parts: Components, captions: list[str]) -> torch.Tensor:
+    """CLIP hidden states for the captions (max-length padded, truncated)."""
+    ids = parts.tokenizer(
+        captions,
+        padding="max_length",
+        max_length=parts.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(parts.device)
+    return parts.text_encoder(ids, return_dict=False)[0]
+
+
+def micro_step_loss(
+    parts: Components, config: TrainConfig, pixels: torch.Tensor, captions: list[str], seed: int
+) -> torch.Tensor:
+    """The denoising loss of one micro-batch, with all randomness drawn from `seed`."""
+    device, dtype = parts.device, parts.weight_dtype
+    torch.manual_seed(seed)  # LoRA dropout draws from the global generator
+    g = torch.Generator(device=device).manual_seed(seed)
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    )
+    with torch.no_grad():
+        latents = parts.vae.encode(pixels.to(device, dtype)).latent_dist.sample(generator=g)
+        latents = latents * parts.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=g, device=device, dtype=latents.dtype)
+    if config.noise_offset:
+        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=g, device=device)
+        noise = noise + config.noise_offset * offset.to(latents.dtype)
+    n_timesteps = parts.scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, n_timesteps, (latents.shape[0],), generator=g, device=device).long()
+    noisy = parts.scheduler.add_noise(latents, noise, timesteps)
+    with autocast:
+        if config.train_text_encoder:
+            hidden = encode_prompts(parts, captions)
+        else:
+            with torch.no_grad():
+                hidden = encode_prompts(parts, captions)
+        pred = parts.unet(noisy, timesteps, hidden, return_dict=False)[0]
+    if parts.scheduler.config.prediction_type == "v_prediction":
+        target = parts.scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(pred.float(), target.float(), reduction="mean")
+
+
+def train_step(
+    parts: Components,
+    config: TrainConfig,
+    stream: BatchStream,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    scaler: torch.amp.GradScaler | None,
+    step: int,
+) -> StepResult:
+    """Run one optimizer step (all its micro-batches) and return its loss, grad norm and LR."""
+    accum = config.gradient_accumulation_steps
+    total = 0.0
+    for micro in range(accum):
+        pixels, captions = stream.next_batch(config.batch_size)
+        loss = micro_step_loss(parts, config, pixels, captions, derive_seed(config.seed, step, micro))
+        scaled = loss / accum
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        total += loss.item()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
+    lr = optimizer.param_groups[0]["lr"]
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=total / accum, grad_norm=float(grad_norm), lr=float(lr))

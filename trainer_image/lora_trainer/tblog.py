@@ -1,0 +1,77 @@
+"""Run logs: TensorBoard scalars, logs/metrics.jsonl (step, loss, lr, grad_norm) and train.log.
+
+Across resumes they stay on one step axis: earlier train.log and metrics rows are carried over
+(metrics past the resumed step are dropped, they will be recomputed), and TensorBoard's
+`purge_step` hides events an interrupted attempt wrote after the checkpoint it resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+from lora_trainer import contract
+from lora_trainer.storage import Store
+
+METRICS_FILE = "metrics.jsonl"
+TRAIN_LOG = "train.log"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class RunLogs:
+    """Writes the run's logs locally and uploads them under `logs/` in the output."""
+
+    def __init__(self, folder: Path, store: Store, resume_step: int | None):
+        self.folder = folder
+        self.store = store
+        folder.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self._carry_over(resume_step)
+        self._metrics = (folder / METRICS_FILE).open("a", encoding="utf-8")
+        self._handler = logging.FileHandler(folder / TRAIN_LOG, encoding="utf-8")
+        self._handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.getLogger().addHandler(self._handler)
+        purge = resume_step + 1 if resume_step is not None else None
+        self._tb = SummaryWriter(log_dir=str(folder), purge_step=purge)
+
+    def _remote(self, name: str) -> str:
+        return f"{contract.LOGS_DIR}/{name}"
+
+    def _carry_over(self, resume_step: int) -> None:
+        for name in (TRAIN_LOG, METRICS_FILE):
+            if self.store.exists(self._remote(name)):
+                text = self.store.get_bytes(self._remote(name)).decode("utf-8", errors="replace")
+                if name == METRICS_FILE:
+                    rows = [line for line in text.splitlines() if line.strip()]
+                    text = "".join(line + "\n" for line in rows if json.loads(line)["step"] <= resume_step)
+                (self.folder / name).write_text(text, encoding="utf-8")
+
+    def scalar(self, step: int, loss: float, lr: float, grad_norm: float) -> None:
+        """Record one optimizer step."""
+        self._tb.add_scalar("loss/train", loss, step)
+        self._tb.add_scalar("learning_rate", lr, step)
+        self._tb.add_scalar("grad_norm", grad_norm, step)
+        self._metrics.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}) + "\n")
+
+    def flush(self) -> None:
+        """Make everything written so far visible on disk."""
+        self._metrics.flush()
+        self._handler.flush()
+        self._tb.flush()
+
+    def upload(self) -> None:
+        """Copy every log file to the output's logs/ (runs on the uploader thread)."""
+        self.flush()
+        for path in sorted(self.folder.iterdir()):
+            if path.is_file():
+                self.store.put_file(self._remote(path.name), path)
+
+    def close(self) -> None:
+        """Detach the file handler and close the writers."""
+        logging.getLogger().removeHandler(self._handler)
+        self._handler.close()
+        self._metrics.close()
+        self._tb.close()

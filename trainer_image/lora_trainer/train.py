@@ -1,0 +1,238 @@
+"""The training run: set up, resume, loop, checkpoint, export — top to bottom.
+
+Training works in a local scratch folder; everything durable goes to the output store (a local
+folder or s3://) through the background uploader, so the loop rarely waits on the network.
+On SIGTERM the loop finishes the current optimizer step, commits a checkpoint within the grace
+budget and raises `Preempted` (exit 75).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora_trainer import checkpoint, contract, state
+from lora_trainer.config import TrainConfig, config_hash, dump_config, training_fields
+from lora_trainer.contract import Progress
+from lora_trainer.data import BatchStream, Position, check_dataset
+from lora_trainer.errors import ConfigError, DatasetError, InputMissing, Preempted
+from lora_trainer.export import save_diffusers_lora, save_kohya_lora
+from lora_trainer.model import Components, add_lora, load_components
+from lora_trainer.progress import ProgressReporter
+from lora_trainer.signals import StopFlag
+from lora_trainer.steps import make_lr_scheduler, make_optimizer, total_steps, train_step
+from lora_trainer.storage import Store, fetch_tree, open_store
+from lora_trainer.tblog import RunLogs
+from lora_trainer.uploader import BackgroundUploader
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_SECONDS = 5.0
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    step: int
+    total_steps: int
+    losses: dict[int, float] = field(default_factory=dict)
+    resumed_from: int | None = None
+    output: str = ""
+
+
+def scratch_root(config: TrainConfig) -> Path:
+    """Local scratch for this output: work_dir, or a folder under the cache."""
+    if config.work_dir:
+        return Path(config.work_dir)
+    cache = Path(config.cache_dir or os.environ.get(contract.ENV_CACHE_DIR) or Path.home() / ".cache/lora-trainer")
+    return cache / "work" / config_hash(config)[:16]
+
+
+def resolve_attempt(store: Store) -> int:
+    """LORA_ATTEMPT from the operator, else one more than the newest recorded in the output."""
+    raw = os.environ.get(contract.ENV_ATTEMPT)
+    if not raw:
+        return checkpoint.next_attempt(store)
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{contract.ENV_ATTEMPT}: {raw!r} is not an integer attempt number") from None
+
+
+class Trainer:
+    """One attempt of a training run against one output."""
+
+    def __init__(self, config: TrainConfig, stop: StopFlag | None = None):
+        self.config = config
+        self.stop = stop or StopFlag()
+        self.store = open_store(config.output_dir, config.s3)
+        self.scratch = scratch_root(config)
+        self.hash = config_hash(config)
+        self.fields = training_fields(config)
+
+    def _fetch(self, field_name: str, uri: str, cache: Path) -> Path:
+        try:
+            return fetch_tree(uri, cache, self.config.s3)
+        except InputMissing as exc:
+            raise InputMissing(f"{field_name}: {exc.message}") from None
+
+    def _prepare(self) -> tuple[Components, list, BatchStream, int]:
+        cache = self.scratch.parent.parent / "inputs"
+        model_dir = self._fetch("base_model", self.config.base_model, cache)
+        data_dir = self._fetch("train_data_dir", self.config.train_data_dir, cache)
+        report = check_dataset(data_dir, self.config.resolution, self.config.metadata_path, self.config.caption_extension)
+        if report.warnings:
+            log.warning(report.summary())
+        if report.fatal:
+            raise DatasetError(report.fatal)
+        parts = load_components(model_dir, self.config)
+        params = add_lora(parts, self.config)
+        c = self.config
+        stream = BatchStream(report.samples, c.resolution, c.center_crop, c.random_flip, c.seed)
+        return parts, params, stream, total_steps(c, len(report.samples))
+
+    def run(self) -> RunResult:
+        """Train to the end (or until stopped) and return what was done."""
+        c = self.config
+        if self.scratch.exists():
+            shutil.rmtree(self.scratch)  # stale scratch from a killed attempt is never trusted
+        self.scratch.mkdir(parents=True)
+        torch.manual_seed(c.seed)
+        parts, params, stream, steps = self._prepare()  # bad inputs fail before the output is touched
+        attempt = resolve_attempt(self.store)
+        checkpoint.claim_attempt(self.store, attempt)
+        optimizer = make_optimizer(params, c)
+        lr_scheduler = make_lr_scheduler(optimizer, c, steps)
+        use_scaler = parts.device.type == "cuda" and c.mixed_precision == "fp16"
+        scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        te = parts.text_encoder if c.train_text_encoder else None
+
+        step, resumed_from = 0, None
+        resumable = checkpoint.find_resumable(self.store, self.scratch / "resume")
+        if resumable is not None:
+            checkpoint.check_compatible(resumable.manifest, self.fields, allow=c.allow_config_change)
+            ts = state.load_state(resumable.path, parts.unet, te, optimizer, lr_scheduler, scaler)
+            step, resumed_from = ts.step, ts.step
+            stream.position = Position(ts.epoch, ts.index)
+            log.info("attempt %d: resumed from step %d (checkpoint of attempt %d)", attempt, step, resumable.attempt)
+        else:
+            log.info("attempt %d: starting at step 0 of %d", attempt, steps)
+
+        logs = RunLogs(self.scratch / contract.LOGS_DIR, self.store, resume_step=resumed_from)
+        uploader = BackgroundUploader()
+        backup = dump_config(c).encode()
+        uploader.submit("config backup", lambda: self.store.put_bytes(contract.CONFIG_BACKUP, backup))
+        reporter = ProgressReporter(total=steps, start=step, every=c.log_every)
+        result = RunResult(step=step, total_steps=steps, resumed_from=resumed_from, output=c.output_dir)
+        last_committed = resumed_from
+        last_progress = 0.0
+
+        def snapshot(at: int) -> None:
+            nonlocal last_committed
+            folder = self.scratch / "checkpoints" / checkpoint.step_dir_name(at)
+            ts = state.TrainerState(
+                step=at, epoch=stream.position.epoch, index=stream.position.index,
+                attempt=attempt, config_hash=self.hash,
+            )
+            state.save_state(folder, ts, parts.unet, te, optimizer, lr_scheduler, scaler)
+            lora_file = self.scratch / contract.intermediate_weights_name(at)
+            lora_file.parent.mkdir(parents=True, exist_ok=True)
+            save_diffusers_lora(lora_file, parts.unet, te)
+            logs.flush()
+
+            def commit() -> None:
+                self.store.put_file(contract.intermediate_weights_name(at), lora_file)
+                checkpoint.commit(self.store, folder, at, attempt, self.hash, self.fields, c.keep_last)
+                shutil.rmtree(folder, ignore_errors=True)
+
+            uploader.submit(f"checkpoint step {at}", commit)
+            uploader.submit("logs", logs.upload, coalesce_key="logs")
+            last_committed = at
+
+        def progress(state_name: str) -> None:
+            p = Progress(
+                step=step, total_steps=steps, epoch=stream.position.epoch, loss=reporter.last_loss,
+                steps_per_second=reporter.rate, eta_seconds=reporter.eta, attempt=attempt,
+                state=state_name, latest_checkpoint_step=last_committed,
+            )
+            data = p.model_dump_json().encode()
+            uploader.submit("progress", lambda: self.store.put_bytes(contract.PROGRESS_FILE, data), coalesce_key="progress")
+
+        try:
+            while step < steps:
+                if self.stop.requested:
+                    break
+                out = train_step(parts, c, stream, params, optimizer, lr_scheduler, scaler, step)
+                step += 1
+                result.losses[step] = out.loss
+                logs.scalar(step, out.loss, out.lr, out.grad_norm)
+                reporter.update(step, out.loss)
+                if c.save_steps and step % c.save_steps == 0 and step < steps:
+                    snapshot(step)
+                if time.monotonic() - last_progress > PROGRESS_EVERY_SECONDS:
+                    progress("running")
+                    last_progress = time.monotonic()
+            if self.stop.requested and step < steps:
+                self._preempt(step, last_committed, snapshot, progress, uploader, reporter)
+            self._finish(parts, te, logs, uploader, progress, reporter)
+        finally:
+            reporter.close()
+            logs.close()
+            uploader.close(timeout=0)
+        result.step = step
+        return result
+
+    def _preempt(self, step, last_committed, snapshot, progress, uploader, reporter) -> None:
+        """Commit a checkpoint at `step` within the grace budget, then raise Preempted."""
+        target = last_committed
+        if step > 0 and last_committed != step:
+            snapshot(step)
+            target = step
+        progress("preempted")
+        budget = self.stop.remaining(self.config.preemption_grace_seconds)
+        committed = uploader.wait(timeout=budget)
+        reporter.close()
+        if committed:
+            uri = None
+            if target is not None:
+                uri = f"{self.config.output_dir.rstrip('/')}/{contract.CHECKPOINTS_DIR}/{checkpoint.step_dir_name(target)}"
+            log.info("preempted: checkpoint at step %s committed; exiting 75", target)
+            raise Preempted(f"stopped on SIGTERM at step {step}; checkpoint committed", step=step, checkpoint=uri)
+        log.error("preempted: checkpoint at step %d not committed within %.1fs; the previous one stands", step, budget)
+        raise Preempted(
+            f"stopped on SIGTERM at step {step}; checkpoint not committed within the grace budget, "
+            "the previous committed checkpoint stands",
+            step=step,
+        )
+
+    def _finish(self, parts, te, logs, uploader, progress, reporter) -> None:
+        """Export the final LoRA in both formats, upload everything and wait until durable."""
+        final_dir = self.scratch / "final"
+        final_dir.mkdir(parents=True, exist_ok=True)
+        diffusers_file = save_diffusers_lora(final_dir / contract.FINAL_WEIGHTS, parts.unet, te)
+        kohya_file = save_kohya_lora(final_dir / contract.FINAL_WEIGHTS_KOHYA, parts.unet, te, self.config.alpha)
+        logs.flush()
+        finals = [(diffusers_file, contract.FINAL_WEIGHTS), (kohya_file, contract.FINAL_WEIGHTS_KOHYA)]
+        uploader.submit_files(self.store, finals, label="final weights")
+        uploader.submit("logs", logs.upload, coalesce_key="logs")
+        progress("finished")
+        uploader.wait(timeout=None)
+        log.info("finished: final LoRA written to %s", self.config.output_dir)
+
+
+def read_losses(metrics_text: str) -> dict[int, float]:
+    """Per-step losses from logs/metrics.jsonl (last value wins for a repeated step)."""
+    out: dict[int, float] = {}
+    for line in metrics_text.splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out[int(row["step"])] = float(row["loss"])
+    return out
