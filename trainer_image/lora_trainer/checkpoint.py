@@ -42,6 +42,7 @@ import shutil
 import socket
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,14 +175,23 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _local_files(local_dir: Path) -> list[str]:
+    """Relative names of the files a checkpoint folder holds, MANIFEST.json and temporaries aside."""
+    return sorted(
+        name
+        for p in local_dir.rglob("*")
+        if p.is_file() and (name := p.relative_to(local_dir).as_posix()) != MANIFEST_FILE
+        and not p.name.startswith(f".{MANIFEST_FILE}")
+    )
+
+
 def write_manifest(
     local_dir: Path, step: int, attempt: int, config_hash: str, training_fields: dict[str, Any]
 ) -> Manifest:
     """Hash every file under `local_dir` and write its MANIFEST.json there."""
     files = {
-        p.relative_to(local_dir).as_posix(): FileDigest(sha256=sha256_file(p), size=p.stat().st_size)
-        for p in sorted(local_dir.rglob("*"))
-        if p.is_file() and p.relative_to(local_dir).as_posix() != MANIFEST_FILE
+        name: FileDigest(sha256=sha256_file(local_dir / name), size=(local_dir / name).stat().st_size)
+        for name in _local_files(local_dir)
     }
     if not files:
         raise ValueError(f"{local_dir}: no files to checkpoint for step {step}")
@@ -205,40 +215,55 @@ def _read_manifest(store: Store, key: str) -> Manifest | None:
 
 # ---- fencing ------------------------------------------------------------------------------------
 
-_manifest_attempts: dict[tuple[str, str, str], int] = {}  # (store, key, etag) -> attempt; immutable
+# (store, key, etag) -> attempt recorded in that MANIFEST.json or latest.json. An ETag names one
+# content, so a hit can never be stale; it saves a GET per object on every fencing check.
+_recorded_attempts: dict[tuple[str, str, str], int] = {}
+
+
+def _remember(store: Store, key: str, etag: str, attempt: int) -> None:
+    if len(_recorded_attempts) > 4096:
+        _recorded_attempts.clear()
+    _recorded_attempts[(store.uri, key, etag)] = attempt
+
+
+def _recorded_attempt(store: Store, info: ObjectInfo) -> int | None:
+    cache_key = (store.uri, info.key, info.etag)
+    if cache_key not in _recorded_attempts:
+        try:
+            data = store.get_bytes(info.key)
+            model = LatestPointer if info.key == LATEST_FILE else Manifest
+            attempt = model.model_validate_json(data).attempt
+        except (NotFound, ValidationError):
+            return None
+        _remember(store, info.key, info.etag, attempt)
+    return _recorded_attempts[cache_key]
+
+
+def _scan(store: Store) -> tuple[int, list[ObjectInfo]]:
+    """The newest recorded attempt, and the listing of checkpoints/ it was read from."""
+    infos = store.list_info(f"{CHECKPOINTS_DIR}/")
+    found = [a for info in infos if (a := parse_attempt_key(info.key)) is not None]
+    for info in infos:
+        is_manifest = info.key.endswith(f"/{MANIFEST_FILE}") and parse_step(info.key.split("/")[-2]) is not None
+        if (is_manifest or info.key == LATEST_FILE) and (a := _recorded_attempt(store, info)) is not None:
+            found.append(a)
+    return max(found, default=0), infos
 
 
 def newest_attempt(store: Store) -> int:
     """The newest attempt recorded under checkpoints/: max of claims, manifests and latest.json."""
-    infos = store.list_info(f"{CHECKPOINTS_DIR}/")
-    found = [a for info in infos if (a := parse_attempt_key(info.key)) is not None]
-    for info in infos:
-        if info.key.endswith(f"/{MANIFEST_FILE}") and parse_step(info.key.split("/")[-2]) is not None:
-            cache_key = (store.uri, info.key, info.etag)
-            if cache_key not in _manifest_attempts:
-                manifest = _read_manifest(store, info.key)
-                if manifest is None:
-                    continue
-                if len(_manifest_attempts) > 4096:
-                    _manifest_attempts.clear()
-                _manifest_attempts[cache_key] = manifest.attempt
-            found.append(_manifest_attempts[cache_key])
-        elif info.key == LATEST_FILE:
-            try:
-                found.append(LatestPointer.model_validate_json(store.get_bytes(LATEST_FILE)).attempt)
-            except (NotFound, ValidationError):
-                pass
-    return max(found, default=0)
+    return _scan(store)[0]
 
 
-def check_not_stale(store: Store, attempt: int, when: str) -> None:
-    """Raise StaleAttempt if a newer attempt than ours is recorded in the store."""
-    newest = newest_attempt(store)
+def check_not_stale(store: Store, attempt: int, when: str) -> list[ObjectInfo]:
+    """Raise StaleAttempt if a newer attempt than ours is recorded; returns the listing it read."""
+    newest, infos = _scan(store)
     if attempt < newest:
         raise StaleAttempt(
             f"attempt {attempt} is older than attempt {newest} recorded under {store.url(CHECKPOINTS_DIR)} "
             f"({when}); a newer pod owns this output, so this one stops without writing"
         )
+    return infos
 
 
 def claim_attempt(store: Store, attempt: int) -> None:
@@ -268,23 +293,32 @@ def commit(
     """Upload `local_dir` as checkpoint `step`: files, MANIFEST, latest.json, then prune. Idempotent."""
     started = time.monotonic()
     prefix = step_prefix(step)
+    # Checked before any upload too: a stale pod must not overwrite files of a folder a newer
+    # attempt already committed under the same step number.
     check_not_stale(store, attempt, f"before uploading step {step}")
-    manifest = write_manifest(local_dir, step, attempt, config_hash, training_fields)
-    store.put_files([(local_dir / name, f"{prefix}/{name}") for name in manifest.files])
+    names = _local_files(local_dir)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit") as pool:
+        upload = pool.submit(store.put_files, [(local_dir / name, f"{prefix}/{name}") for name in names])
+        try:
+            manifest = write_manifest(local_dir, step, attempt, config_hash, training_fields)  # hashes meanwhile
+        finally:
+            upload.result()
+    if sorted(manifest.files) != names:
+        raise RuntimeError(f"{local_dir}: files changed while checkpoint step {step} was uploading")
     check_not_stale(store, attempt, f"before writing the MANIFEST of step {step}")
-    store.put_bytes(f"{prefix}/{MANIFEST_FILE}", manifest.to_json())
-    check_not_stale(store, attempt, f"before pointing latest.json at step {step}")
+    manifest_key = f"{prefix}/{MANIFEST_FILE}"
+    _remember(store, manifest_key, store.put_bytes(manifest_key, manifest.to_json()), attempt)
+    infos = check_not_stale(store, attempt, f"before pointing latest.json at step {step}")
     pointer = LatestPointer(step=step, attempt=attempt, path=prefix)
-    store.put_bytes(LATEST_FILE, pointer.model_dump_json().encode())
+    _remember(store, LATEST_FILE, store.put_bytes(LATEST_FILE, pointer.model_dump_json().encode()), attempt)
     size = sum(f.size for f in manifest.files.values()) / 2**20
     log.info(
         "checkpoint step %d committed by attempt %d: %d files, %.1f MiB in %.2fs at %s",
         step, attempt, len(manifest.files), size, time.monotonic() - started, store.url(prefix),
     )
     if keep_last > 0:
-        check_not_stale(store, attempt, f"before pruning below step {step}")
         try:
-            prune(store, keep_last, anchor=step)
+            _prune(store, keep_last, step, group_step_keys(infos), attempt)
         except StorageUnavailable as exc:  # the commit stands; the next commit prunes again
             log.warning("step %d: pruning old checkpoints failed, will retry after the next commit: %s", step, exc)
     return pointer
@@ -293,10 +327,22 @@ def commit(
 def prune(store: Store, keep_last: int, anchor: int | None = None) -> list[int]:
     """Delete step folders older than the `keep_last` newest committed (MANIFEST first); returns them."""
     groups = group_step_keys(store.list_info(f"{CHECKPOINTS_DIR}/"))
-    committed = {step: MANIFEST_FILE in files for step, files in groups.items()}
     if anchor is None:
-        anchor = max((s for s, ok in committed.items() if ok), default=-1)
+        anchor = max((s for s, files in groups.items() if MANIFEST_FILE in files), default=-1)
+    return _prune(store, keep_last, anchor, groups, None)
+
+
+def _prune(
+    store: Store, keep_last: int, anchor: int, groups: dict[int, dict[str, ObjectInfo]], attempt: int | None
+) -> list[int]:
+    if anchor < 0:
+        return []
+    committed = {step: MANIFEST_FILE in files for step, files in groups.items()}
+    committed[anchor] = True  # the listing may predate our own MANIFEST
     doomed = plan_prune(committed, keep_last, anchor)
+    if doomed and attempt is not None:
+        # A newer attempt may be resuming from one of these folders right now.
+        check_not_stale(store, attempt, f"before pruning below step {anchor}")
     for step in doomed:
         files = groups[step]
         prefix = step_prefix(step)

@@ -135,6 +135,9 @@ class TrainConfig(_Model):
     preemption_grace_seconds: float = Field(
         25.0, gt=0, le=3600, description="Budget to commit a checkpoint after SIGTERM before giving up on it."
     )
+    storage_retry_seconds: float = Field(
+        300.0, gt=0, le=86_400, description="How long background uploads retry a failing store before the run fails."
+    )
     allow_config_change: bool = Field(
         False, description="Resume even if training-defining fields changed since the checkpoint (dangerous)."
     )

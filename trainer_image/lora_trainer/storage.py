@@ -14,31 +14,27 @@ store answered but will never accept this: bad credentials, missing bucket) and
 from __future__ import annotations
 
 import abc
-import fcntl
-import hashlib
-import json
 import logging
 import os
-import re
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 from lora_trainer.config import S3Config
-from lora_trainer.errors import ConfigError, InputMissing, StorageUnavailable, TrainerError
+from lora_trainer.errors import ConfigError, StorageUnavailable, TrainerError
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 MULTIPART_THRESHOLD = 8 * MIB  # parts of 8 MiB: R2 needs equal part sizes, which boto3 gives
-TRANSFER_CONCURRENCY = 8  # threads per multipart transfer
+TRANSFER_CONCURRENCY = 10  # threads per multipart transfer (boto3's default)
 FILE_CONCURRENCY = 4  # files in flight at once in put_files/get_files
-FETCH_MARKER = "complete.json"
 _TMP_SUFFIX = ".lora-tmp"
 
 
@@ -102,7 +98,8 @@ class Store(abc.ABC):
     def put_file(self, key: str, path: Path) -> None: ...
 
     @abc.abstractmethod
-    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def put_bytes(self, key: str, data: bytes) -> str:
+        """Write `data` to `key`; returns the new object's tag (as `list_info` will report it)."""
 
     @abc.abstractmethod
     def get_bytes(self, key: str) -> bytes:
@@ -134,22 +131,29 @@ class Store(abc.ABC):
         return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
 
     def put_files(self, items: Sequence[tuple[Path, str]], workers: int = FILE_CONCURRENCY) -> None:
-        """Upload (local path, key) pairs in parallel; the first error is raised once all have stopped."""
-        _parallel([(self.put_file, key, path) for path, key in items], workers)
+        """Upload (local path, key) pairs; the first error is raised once all have stopped.
+
+        Files over the multipart threshold go one after another (each already uploads its parts
+        concurrently; more streams only contend), small files in parallel beside them."""
+        big = [(path, key) for path, key in items if path.stat().st_size >= MULTIPART_THRESHOLD]
+        calls: list[Callable[[], None]] = [partial(self.put_file, key, path) for path, key in items if (path, key) not in big]
+        if big:
+            calls.insert(0, lambda: [self.put_file(key, path) for path, key in big] and None)
+        _parallel(calls, workers)
 
     def get_files(self, items: Sequence[tuple[str, Path]], workers: int = FILE_CONCURRENCY) -> None:
         """Download (key, local path) pairs in parallel; the first error is raised once all have stopped."""
-        _parallel([(self.get_file, key, path) for key, path in items], workers)
+        _parallel([partial(self.get_file, key, path) for key, path in items], workers)
 
 
-def _parallel(calls: list[tuple[Any, str, Path]], workers: int) -> None:
+def _parallel(calls: list[Callable[[], Any]], workers: int) -> None:
     if len(calls) <= 1:
-        for fn, key, path in calls:
-            fn(key, path)
+        for call in calls:
+            call()
         return
     with ThreadPoolExecutor(max_workers=min(workers, len(calls)), thread_name_prefix="store") as pool:
-        futures = [pool.submit(fn, key, path) for fn, key, path in calls]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        futures = [pool.submit(call) for call in calls]
+        _done, pending = wait(futures, return_when=FIRST_EXCEPTION)
         for future in pending:
             future.cancel()
         for future in futures:
@@ -165,6 +169,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _local_tag(path: Path) -> str:
+    st = path.stat()  # every write is a rename of a new file: a new inode and mtime
+    return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
+
+
 class LocalStore(Store):
     """A folder on disk. Writes go to a temporary file, fsync, then rename, so readers never see half."""
 
@@ -177,7 +186,7 @@ class LocalStore(Store):
             raise ValueError(f"{key!r}: keys are relative paths without '..'")
         return self.root / key
 
-    def _write(self, key: str, write: Any) -> None:
+    def _write(self, key: str, write: Any) -> str:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{time.monotonic_ns()}{_TMP_SUFFIX}")
@@ -191,6 +200,7 @@ class LocalStore(Store):
             tmp.unlink(missing_ok=True)
             raise StorageUnavailable(f"{self.url(key)}: cannot write ({exc.strerror}); check disk space and permissions") from exc
         _fsync_dir(dest.parent)
+        return _local_tag(dest)
 
     def put_file(self, key: str, path: Path) -> None:
         if self._path(key).resolve() == path.resolve():
@@ -198,8 +208,8 @@ class LocalStore(Store):
         with open(path, "rb") as src:
             self._write(key, lambda fh: shutil.copyfileobj(src, fh, MIB))
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self._write(key, lambda fh: fh.write(data))
+    def put_bytes(self, key: str, data: bytes) -> str:
+        return self._write(key, lambda fh: fh.write(data))
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -230,8 +240,7 @@ class LocalStore(Store):
                 full = Path(dirpath) / name
                 key = full.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
-                    st = full.stat()
-                    out.append(ObjectInfo(key, st.st_size, f"{st.st_mtime_ns:x}-{st.st_size:x}"))
+                    out.append(ObjectInfo(key, full.stat().st_size, _local_tag(full)))
         return sorted(out, key=lambda info: info.key)
 
     def delete(self, keys: Iterable[str]) -> None:
@@ -312,8 +321,9 @@ class S3Store(Store):
     def put_file(self, key: str, path: Path) -> None:
         self._call(key, "upload", self.client.upload_file, str(path), self.bucket, self._key(key), Config=self.transfer)
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self._call(key, "upload", self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
+    def put_bytes(self, key: str, data: bytes) -> str:
+        reply = self._call(key, "upload", self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
+        return str(reply.get("ETag", "")).strip('"')
 
     def get_bytes(self, key: str) -> bytes:
         def read() -> bytes:
@@ -381,54 +391,8 @@ def open_store(uri: str, s3: S3Config) -> Store:
     return S3Store(loc.bucket, loc.prefix, s3)
 
 
-def _cache_slot(cache_dir: Path, uri: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", uri.split("://", 1)[-1]).strip("_")[-60:]
-    return cache_dir / f"{slug}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
-
-
 def fetch_tree(uri: str, cache_dir: Path | str, s3: S3Config) -> Path:
-    """A local folder holding the tree at `uri`: local paths as they are, s3:// downloaded once.
+    """A local folder holding the tree at `uri` (see `lora_trainer.fetch`, where it lives)."""
+    from lora_trainer.fetch import fetch_tree as fetch  # deferred: fetch builds on this module
 
-    The cache slot's marker (written only after every file is down) records each object's size and
-    ETag; a later call lists the source and re-fetches only what changed, or nothing.
-    """
-    loc = parse_uri(uri)
-    if loc.path is not None:
-        if not loc.path.exists():
-            raise InputMissing(f"{uri}: no such file or folder; check the path")
-        return loc.path
-    store = S3Store(loc.bucket, loc.prefix, s3)
-    infos = [i for i in store.list_info("") if not i.key.endswith("/")]  # skip console "folder" objects
-    if not infos:
-        raise InputMissing(f"{uri}: no objects under this prefix; check the URI and that the upload finished")
-    listing = {i.key: {"size": i.size, "etag": i.etag} for i in infos}
-    slot = _cache_slot(Path(cache_dir), uri)
-    slot.mkdir(parents=True, exist_ok=True)
-    tree, marker = slot / "tree", slot / FETCH_MARKER
-    with open(slot / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two trainers on one node fetch one at a time
-        old = _read_marker(marker)
-        if old == listing and all((tree / k).is_file() for k in listing):
-            log.info("reusing cached %s (%d files) at %s", uri, len(listing), tree)
-            return tree
-        marker.unlink(missing_ok=True)
-        todo = [k for k in listing if old.get(k) != listing[k] or not (tree / k).is_file()]
-        for stale in set(old) - set(listing):
-            (tree / stale).unlink(missing_ok=True)
-        started = time.monotonic()
-        store.get_files([(k, tree / k) for k in todo], workers=FILE_CONCURRENCY * 2)
-        marker.write_text(json.dumps(listing, sort_keys=True))
-        size = sum(listing[k]["size"] for k in todo) / MIB
-        log.info(
-            "fetched %s: %d of %d files (%.1f MiB) in %.1fs into %s",
-            uri, len(todo), len(listing), size, time.monotonic() - started, tree,
-        )
-    return tree
-
-
-def _read_marker(marker: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return fetch(uri, cache_dir, s3)

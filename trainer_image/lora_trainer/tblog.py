@@ -1,4 +1,4 @@
-"""Run logs: TensorBoard scalars, logs/metrics.jsonl (step, loss, lr, grad_norm) and train.log.
+"""Run logs: TensorBoard scalars, logs/metrics.jsonl (step, loss, lr, grad_norm, wall time) and train.log.
 
 Across resumes they stay on one step axis: earlier train.log and metrics rows are carried over
 (metrics past the resumed step are dropped, they will be recomputed), and TensorBoard's
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
@@ -24,18 +25,18 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 class RunLogs:
     """Writes the run's logs locally and uploads them under `logs/` in the output."""
 
-    def __init__(self, folder: Path, store: Store, resume_step: int | None):
+    def __init__(self, folder: Path, store: Store, resume_step: int):
         self.folder = folder
         self.store = store
         folder.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None:
-            self._carry_over(resume_step)
+        # Always carry over: an attempt that starts at step 0 still finds the logs of one that
+        # was stopped before its first checkpoint, and must hide their steps too.
+        self._carry_over(resume_step)
         self._metrics = (folder / METRICS_FILE).open("a", encoding="utf-8")
         self._handler = logging.FileHandler(folder / TRAIN_LOG, encoding="utf-8")
         self._handler.setFormatter(logging.Formatter(LOG_FORMAT))
         logging.getLogger().addHandler(self._handler)
-        purge = resume_step + 1 if resume_step is not None else None
-        self._tb = SummaryWriter(log_dir=str(folder), purge_step=purge)
+        self._tb = SummaryWriter(log_dir=str(folder), purge_step=resume_step + 1)
 
     def _remote(self, name: str) -> str:
         return f"{contract.LOGS_DIR}/{name}"
@@ -54,7 +55,8 @@ class RunLogs:
         self._tb.add_scalar("loss/train", loss, step)
         self._tb.add_scalar("learning_rate", lr, step)
         self._tb.add_scalar("grad_norm", grad_norm, step)
-        self._metrics.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}) + "\n")
+        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "time": round(time.time(), 4)}
+        self._metrics.write(json.dumps(row) + "\n")
 
     def flush(self) -> None:
         """Make everything written so far visible on disk."""

@@ -8,6 +8,7 @@ budget and raises `Preempted` (exit 75).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from lora_trainer.signals import StopFlag
 from lora_trainer.steps import make_lr_scheduler, make_optimizer, total_steps, train_step
 from lora_trainer.storage import Store, fetch_tree, open_store
 from lora_trainer.tblog import RunLogs
-from lora_trainer.uploader import BackgroundUploader
+from lora_trainer.uploader import BackgroundUploader, retry_storage
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,13 @@ class Trainer:
         self.hash = config_hash(config)
         self.fields = training_fields(config)
 
+    def _retrying(self, label: str, fn):
+        """Start-up storage calls ride out a flaky store like background uploads do."""
+        return retry_storage(label, fn, self.config.storage_retry_seconds)
+
     def _fetch(self, field_name: str, uri: str, cache: Path) -> Path:
         try:
-            return fetch_tree(uri, cache, self.config.s3)
+            return self._retrying(f"fetching {field_name}", lambda: fetch_tree(uri, cache, self.config.s3))
         except InputMissing as exc:
             raise InputMissing(f"{field_name}: {exc.message}") from None
 
@@ -107,8 +112,8 @@ class Trainer:
         self.scratch.mkdir(parents=True)
         torch.manual_seed(c.seed)
         parts, params, stream, steps = self._prepare()  # bad inputs fail before the output is touched
-        attempt = resolve_attempt(self.store)
-        checkpoint.claim_attempt(self.store, attempt)
+        attempt = self._retrying("resolving the attempt", lambda: resolve_attempt(self.store))
+        self._retrying("claiming the output", lambda: checkpoint.claim_attempt(self.store, attempt))
         optimizer = make_optimizer(params, c)
         lr_scheduler = make_lr_scheduler(optimizer, c, steps)
         use_scaler = parts.device.type == "cuda" and c.mixed_precision == "fp16"
@@ -116,7 +121,9 @@ class Trainer:
         te = parts.text_encoder if c.train_text_encoder else None
 
         step, resumed_from = 0, None
-        resumable = checkpoint.find_resumable(self.store, self.scratch / "resume")
+        resumable = self._retrying(
+            "looking for checkpoints", lambda: checkpoint.find_resumable(self.store, self.scratch / "resume")
+        )
         if resumable is not None:
             checkpoint.check_compatible(resumable.manifest, self.fields, allow=c.allow_config_change)
             ts = state.load_state(resumable.path, parts.unet, te, optimizer, lr_scheduler, scaler)
@@ -126,8 +133,8 @@ class Trainer:
         else:
             log.info("attempt %d: starting at step 0 of %d", attempt, steps)
 
-        logs = RunLogs(self.scratch / contract.LOGS_DIR, self.store, resume_step=resumed_from)
-        uploader = BackgroundUploader()
+        logs = RunLogs(self.scratch / contract.LOGS_DIR, self.store, resume_step=step)
+        uploader = BackgroundUploader(retry_deadline=c.storage_retry_seconds)
         backup = dump_config(c).encode()
         uploader.submit("config backup", lambda: self.store.put_bytes(contract.CONFIG_BACKUP, backup))
         reporter = ProgressReporter(total=steps, start=step, every=c.log_every)
@@ -186,7 +193,9 @@ class Trainer:
         finally:
             reporter.close()
             logs.close()
-            uploader.close(timeout=0)
+            # A pending upload error must not replace the error already on its way out.
+            with contextlib.suppress(Exception):
+                uploader.close(timeout=0)
         result.step = step
         return result
 

@@ -173,34 +173,55 @@ class BackgroundUploader:
                 self._cond.notify_all()
 
     def _run(self, job: Job) -> BaseException | None:
-        started = time.monotonic()
-        delay = self.backoff_initial
-        while True:
+        def counted() -> Any:
             job.attempts += 1
-            try:
-                result = job.fn()
-            except StorageRejected as exc:
-                log.error("%s failed: %s", job.label, exc)
-                job._finish(error=exc)
-                return exc
-            except StorageUnavailable as exc:
-                elapsed = time.monotonic() - started
-                if elapsed + delay > self.retry_deadline or self._stop.is_set():
-                    error = StorageUnavailable(
-                        f"{job.label}: storage still unavailable after {elapsed:.0f}s and {job.attempts} tries "
-                        f"({exc}); check the store, the job will retry on the next attempt"
-                    )
-                    error.__cause__ = exc
-                    log.error("%s", error)
-                    job._finish(error=error)
-                    return error
-                log.warning("%s: try %d failed (%s); retrying in %.1fs", job.label, job.attempts, exc, delay)
-                self._stop.wait(delay)
-                delay = min(delay * 2, self.backoff_max)
-            except BaseException as exc:  # noqa: BLE001 - surfaced to the caller by submit/wait/close
+            return job.fn()
+
+        try:
+            result = retry_storage(
+                job.label, counted, self.retry_deadline, self.backoff_initial, self.backoff_max, self._stop
+            )
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the caller by submit/wait/close
+            if not isinstance(exc, StorageUnavailable) or isinstance(exc, StorageRejected):
                 log.error("%s failed: %s: %s", job.label, type(exc).__name__, exc)
-                job._finish(error=exc)
-                return exc
+            job._finish(error=exc)
+            return exc
+        job._finish(result=result)
+        return None
+
+
+def retry_storage(
+    label: str,
+    fn: Callable[[], Any],
+    deadline: float,
+    backoff_initial: float = 0.5,
+    backoff_max: float = 10.0,
+    stop: threading.Event | None = None,
+) -> Any:
+    """Call `fn`, retrying StorageUnavailable with exponential backoff until `deadline` seconds pass.
+
+    StorageRejected (bad credentials, no bucket) and every other error are raised at once."""
+    started = time.monotonic()
+    delay = backoff_initial
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return fn()
+        except StorageRejected:
+            raise
+        except StorageUnavailable as exc:
+            elapsed = time.monotonic() - started
+            if elapsed + delay > deadline or (stop is not None and stop.is_set()):
+                error = StorageUnavailable(
+                    f"{label}: storage still unavailable after {elapsed:.0f}s and {tries} tries "
+                    f"({exc}); check the store, the job will retry on the next attempt"
+                )
+                log.error("%s", error)
+                raise error from exc
+            log.warning("%s: try %d failed (%s); retrying in %.1fs", label, tries, exc, delay)
+            if stop is not None:
+                stop.wait(delay)
             else:
-                job._finish(result=result)
-                return None
+                time.sleep(delay)
+            delay = min(delay * 2, backoff_max)
