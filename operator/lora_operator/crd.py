@@ -1,0 +1,154 @@
+"""The LoRATrainingJob CRD, generated from the spec and status pydantic models.
+
+pydantic's JSON schema becomes a structural OpenAPI v3 schema: $refs inlined, `X | None` as
+`nullable`, no titles, `const` as a one-value enum, exclusive bounds in the OpenAPI 3.0 form.
+`lora-operator crd` prints it; a unit test fails when crds/ holds a stale copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from lora_operator.spec import API_VERSION, GROUP, IMMUTABLE_FIELDS, KIND, MAX_JOB_NAME, PLURAL, VERSION, JobSpec
+from lora_operator.status import JobStatus
+
+CRD_NAME = f"{PLURAL}.{GROUP}"
+CRD_FILE = f"crds/{CRD_NAME}.yaml"
+_DROP = {"title", "examples"}
+
+
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, list):
+        return [_inline(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        target = _inline(defs[node["$ref"].rsplit("/", 1)[-1]], defs)
+        extra = {k: v for k, v in node.items() if k != "$ref"}
+        return {**target, **_inline(extra, defs)}
+    return {k: _inline(v, defs) for k, v in node.items() if k not in ("$defs",)}
+
+
+def _structural(node: dict[str, Any]) -> dict[str, Any]:
+    """One pydantic JSON-schema node as a structural OpenAPI v3 node."""
+    node = {k: v for k, v in node.items() if k not in _DROP}
+    for key in ("anyOf", "oneOf"):
+        if key in node:
+            given = node.pop(key)
+            options = [o for o in given if o.get("type") != "null"]
+            if len(options) != 1:
+                raise ValueError(f"cannot express {options} structurally")
+            merged = {**_structural(options[0]), **{k: v for k, v in node.items()}}
+            if len(options) < len(given):
+                merged["nullable"] = True
+            node = merged
+    if "allOf" in node and len(node["allOf"]) == 1:
+        node = {**_structural(node.pop("allOf")[0]), **node}
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    if "enum" in node and "type" not in node:
+        node["type"] = "string"
+    for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(node.get(bound), (int, float)) and not isinstance(node.get(bound), bool):
+            node[plain] = node.pop(bound)
+            node[bound] = True
+    if node.get("default", 0) is None:
+        del node["default"]
+    if "properties" in node:
+        node["properties"] = {k: _structural(v) for k, v in node["properties"].items()}
+        node.setdefault("type", "object")
+    if isinstance(node.get("additionalProperties"), dict):
+        node["additionalProperties"] = _structural(node["additionalProperties"])
+    elif node.get("additionalProperties") is False:
+        del node["additionalProperties"]  # structural schemas prune unknown fields instead
+    if isinstance(node.get("items"), dict):
+        node["items"] = _structural(node["items"])
+    if node.get("type") == "object" and "properties" not in node and "additionalProperties" not in node:
+        node["x-kubernetes-preserve-unknown-fields"] = True
+    return node
+
+
+def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The structural OpenAPI v3 schema of a pydantic model (camelCase aliases)."""
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    return _structural(_inline(raw, raw.get("$defs", {})))
+
+
+def _immutable(spec: dict[str, Any]) -> None:
+    # Transition rules: the fields that define what is trained cannot change once a job exists.
+    for name in IMMUTABLE_FIELDS:
+        prop = spec["properties"][name]
+        prop["x-kubernetes-validations"] = [{
+            "rule": "self == oldSelf",
+            "message": f"spec.{name} is immutable: create a new LoRATrainingJob to train something else",
+        }]
+
+
+def build_crd() -> dict[str, Any]:
+    """The CustomResourceDefinition as a dict."""
+    spec = openapi_schema(JobSpec)
+    spec["description"] = "What to train and where; see examples/ for complete jobs."
+    _immutable(spec)
+    status = openapi_schema(JobStatus)
+    status["description"] = "Observed state, written by the operator."
+    root = {
+        "type": "object",
+        "description": "A LoRA fine-tuning run that survives spot preemption by resuming from checkpoints.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "API version of this object."},
+            "kind": {"type": "string", "description": "Kind of this object."},
+            "metadata": {"type": "object", "description": "Standard object metadata."},
+            "spec": spec,
+            "status": status,
+        },
+        "x-kubernetes-validations": [{
+            "rule": f"size(self.metadata.name) <= {MAX_JOB_NAME}",
+            "message": f"metadata.name must be at most {MAX_JOB_NAME} characters (pod names add -a<attempt>)",
+        }],
+    }
+    column = [
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Phase of the job."},
+        {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "description": "Steps done."},
+        {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent", "description": "Percent done."},
+        {"name": "Preemptions", "type": "integer", "jsonPath": ".status.preemptions", "description": "Preempted attempts."},
+        {"name": "Failures", "type": "integer", "jsonPath": ".status.failures", "description": "Failed attempts."},
+        {"name": "Checkpoint", "type": "integer", "jsonPath": ".status.latestCheckpoint.step",
+         "description": "Step of the newest committed checkpoint."},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": CRD_NAME, "labels": {"app.kubernetes.io/name": "lora-operator"}},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": KIND.lower(),
+                "shortNames": ["ltj", "lorajob"],
+                "categories": ["lora"],
+            },
+            "versions": [{
+                "name": VERSION,
+                "served": True,
+                "storage": True,
+                "schema": {"openAPIV3Schema": root},
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": column,
+            }],
+        },
+    }
+
+
+def render_crd() -> str:
+    """The CRD as the YAML committed under crds/."""
+    header = f"# Generated by `lora-operator crd` from lora_operator.spec and lora_operator.status ({API_VERSION}).\n"
+    header += "# Do not edit: change the models and regenerate.\n"
+    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=120)

@@ -1,0 +1,72 @@
+"""The operator's settings: LORA_OPERATOR_* environment variables, overridden by CLI flags.
+
+The Helm chart sets the environment variables; the names here are its contract.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/lora-operator/trainer:0.1.0"
+
+
+class Settings(BaseSettings):
+    """Everything the operator can be told; one instance per operator process."""
+
+    model_config = SettingsConfigDict(env_prefix="LORA_OPERATOR_", extra="ignore", frozen=True)
+
+    namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Namespaces to watch; empty watches all namespaces."
+    )
+    trainer_image: str = Field(DEFAULT_TRAINER_IMAGE, min_length=1, description="Image of jobs with no spec.image.")
+    progress_interval: float = Field(15.0, gt=0, description="Seconds between reconciles of a running job.")
+    pending_deadline: float = Field(600.0, ge=0, description="Seconds a pod may stay unscheduled or unpullable before Stalled.")
+    terminating_grace: float = Field(300.0, ge=0, description="Seconds past its deletion a pod on a NotReady node is force-deleted.")
+    backoff_base: float = Field(10.0, ge=0, description="Seconds before the first retry of a failed attempt.")
+    backoff_max: float = Field(600.0, ge=0, description="Longest wait between retries.")
+    log_format: Literal["text", "json"] = Field("text", description="Operator log format.")
+    liveness: str = Field("http://0.0.0.0:8080/healthz", description="Liveness endpoint URL; empty disables it.")
+    peering: str = Field("lora-operator", description="Kopf peering object name (two replicas, one active).")
+    standalone: bool = Field(False, description="Run without peering.")
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [ns.strip() for ns in value.split(",") if ns.strip()]
+        return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `lora-operator run` flags; each defaults to its LORA_OPERATOR_* variable."""
+    parser.add_argument("--namespace", "-n", dest="namespaces", action="append",
+                        help="namespace to watch (repeatable); default LORA_OPERATOR_NAMESPACES or all")
+    parser.add_argument("--trainer-image", help="default trainer image (LORA_OPERATOR_TRAINER_IMAGE)")
+    parser.add_argument("--progress-interval", type=float, help="seconds between reconciles of a running job")
+    parser.add_argument("--pending-deadline", type=float, help="seconds before a stuck pod marks the job Stalled")
+    parser.add_argument("--terminating-grace", type=float, help="seconds before a pod stuck Terminating is force-deleted")
+    parser.add_argument("--backoff-base", type=float, help="seconds before the first retry of a failed attempt")
+    parser.add_argument("--backoff-max", type=float, help="longest wait between retries, seconds")
+    parser.add_argument("--log-format", choices=["text", "json"], help="log format")
+    parser.add_argument("--liveness", help="liveness endpoint URL, e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--peering", help="Kopf peering name for running two replicas safely")
+    parser.add_argument("--standalone", action="store_true", default=None, help="run without peering")
+
+
+def from_args(args: argparse.Namespace | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment, with CLI flags (those given) and keyword overrides on top."""
+    given = {k: v for k, v in vars(args or argparse.Namespace()).items() if v is not None and k in Settings.model_fields}
+    given.update(overrides)
+    return Settings(**given)
+
+
+def parse(argv: Sequence[str]) -> Settings:
+    """Settings from `run`-style argv (tests and tools)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return from_args(parser.parse_args(list(argv)))

@@ -1,0 +1,310 @@
+"""The real operator (Kopf) against the Kubernetes API emulator, with the test as the kubelet.
+
+Behaviours tested:
+- a job gets pod <job>-a1 owned by it; Running → phase Running; progress.json and latest.json in
+  S3 are mirrored into status (read with the job's Secret);
+- preemption (DisruptionTarget + Failed) → pod a2 with no failure counted; OOMKilled → a retry
+  after the backoff with one failure counted;
+- exit 0 → Succeeded + Ready; exit 78 with a termination message → Failed with that message;
+- suspend deletes the running pod with its grace period (the kubelet finishes it) → Suspended;
+  resume starts the next attempt;
+- deleting a job garbage-collects its pods and leaves S3 untouched;
+- a bad spec: the schema answers 422; a semantic error → Failed naming the field;
+- a missing secret (CreateContainerConfigError) → Stalled after the (short) pending deadline;
+- the operator restarted mid-job creates no duplicate pod.
+The same tests pass against a real cluster (LORA_TEST_KUBECONFIG) with no kubelet interfering
+only if its nodes cannot run the pods; they are meant for the emulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import kubernetes
+import pytest
+from kubernetes.client.rest import ApiException
+from lora_operator.controller import run_operator
+from lora_operator.devcluster.s3 import TEST_CREDENTIALS
+from lora_operator.settings import Settings
+from lora_operator.spec import GROUP, PLURAL, VERSION
+
+from tests.support.kube import KubeTarget, eventually
+
+pytestmark = pytest.mark.timeout(120)
+JOB_LABEL = "lora-operator.dev/job"
+
+
+@contextlib.contextmanager
+def operator(kube_api: KubeTarget, namespace: str, **overrides: Any) -> Iterator[None]:
+    """The operator in a thread, watching one namespace, with short test settings."""
+    settings = Settings(**{
+        "namespaces": [namespace], "standalone": True, "liveness": "", "trainer_image": "trainer:test",
+        "progress_interval": 1.0, "pending_deadline": 2.0, "terminating_grace": 1.0,
+        "backoff_base": 0.2, "backoff_max": 1.0, **overrides,
+    })
+    stop, ready = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def main() -> None:
+        try:
+            asyncio.run(run_operator(settings, kubeconfig=str(kube_api.kubeconfig), stop_flag=stop, ready_flag=ready))
+        except BaseException as exc:  # surfaced by the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=main, name="operator", daemon=True)
+    thread.start()
+    assert ready.wait(30), f"operator did not start: {errors}"
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(30)
+        assert not errors, errors
+
+
+class Cluster:
+    """The test's hands: the API as a user and as the kubelet."""
+
+    def __init__(self, client: kubernetes.client.ApiClient, namespace: str) -> None:
+        self.ns = namespace
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+
+    # --- as a user
+    def create_job(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LoRATrainingJob", "metadata": {"name": name}, "spec": spec}
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, body)
+
+    def job(self, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.job(name).get("status") or {}
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name, {"spec": spec})
+
+    def pods(self, job: str) -> list[str]:
+        items = self.core.list_namespaced_pod(self.ns, label_selector=f"{JOB_LABEL}={job}").items
+        return sorted(p.metadata.name for p in items)
+
+    def pod(self, name: str) -> Any:
+        return self.core.read_namespaced_pod(name, self.ns)
+
+    def condition(self, job: str, ctype: str) -> dict[str, Any]:
+        return next((c for c in self.status(job).get("conditions") or [] if c["type"] == ctype), {})
+
+    # --- as the kubelet
+    def run(self, pod: str, node: str = "node-1") -> None:
+        self.core.create_namespaced_pod_binding(
+            pod, self.ns, {"metadata": {"name": pod}, "target": {"kind": "Node", "name": node}}, _preload_content=False)
+        self.set_status(pod, {"phase": "Running", "containerStatuses": [
+            {"name": "trainer", "ready": True, "restartCount": 0, "image": "trainer:test", "imageID": "",
+             "state": {"running": {"startedAt": "2025-01-01T00:00:00Z"}}}]})
+
+    def finish(self, pod: str, exit_code: int, reason: str = "Error", message: str = "",
+               disruption: str | None = None) -> None:
+        conditions = [{"type": "DisruptionTarget", "status": "True", "reason": disruption,
+                       "message": "preempted by a higher-priority pod"}] if disruption else []
+        terminated = {"exitCode": exit_code, "reason": reason, "message": message}
+        self.set_status(pod, {"phase": "Succeeded" if exit_code == 0 else "Failed", "conditions": conditions,
+                              "containerStatuses": [{"name": "trainer", "ready": False, "restartCount": 0,
+                                                     "image": "trainer:test", "imageID": "",
+                                                     "state": {"terminated": terminated}}]})
+
+    def waiting(self, pod: str, reason: str, message: str) -> None:
+        self.set_status(pod, {"phase": "Pending", "containerStatuses": [
+            {"name": "trainer", "ready": False, "restartCount": 0, "image": "trainer:test", "imageID": "",
+             "state": {"waiting": {"reason": reason, "message": message}}}]})
+
+    def set_status(self, pod: str, status: dict[str, Any]) -> None:
+        self.core.patch_namespaced_pod_status(pod, self.ns, {"status": status})
+
+    def remove(self, pod: str) -> None:
+        """The kubelet's final grace-0 delete once the containers stopped."""
+        self.core.delete_namespaced_pod(pod, self.ns, grace_period_seconds=0)
+
+
+@pytest.fixture
+def cluster(kube_api: KubeTarget, kube_namespace: str) -> Iterator[Cluster]:
+    with kube_api.api_client() as client:
+        c = Cluster(client, kube_namespace)
+        c.core.create_namespaced_secret(kube_namespace, {
+            "metadata": {"name": "s3-creds"},
+            "data": {k: base64.b64encode(TEST_CREDENTIALS[k].encode()).decode()
+                     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})
+        yield c
+
+
+def job_spec(endpoint: str = "http://127.0.0.1:1", bucket: str = "b", **blocks: Any) -> dict[str, Any]:
+    spec = {
+        "baseModel": {"uri": f"s3://{bucket}/models/tiny-sd/"},
+        "dataset": {"uri": f"s3://{bucket}/datasets/tiny/"},
+        "training": {"maxTrainSteps": 40, "resolution": 32, "batchSize": 2},
+        "checkpoint": {"everySteps": 10},
+        "output": {"uri": f"s3://{bucket}/outputs/job/"},
+        "storage": {"endpoint": endpoint, "region": "us-east-1", "credentialsSecret": "s3-creds"},
+        "resources": {"gpus": 0},
+        "failurePolicy": {"backoffLimit": 2},
+    }
+    spec.update(blocks)
+    return spec
+
+
+def test_lifecycle_preemption_oom_success_and_progress(kube_api: KubeTarget, cluster: Cluster, s3_env: Any) -> None:
+    c = cluster
+    s3 = s3_env.client()
+    with operator(kube_api, c.ns):
+        c.create_job("tiny", job_spec(s3_env.endpoint, s3_env.bucket))
+        eventually(lambda: _assert(c.pods("tiny") == ["tiny-a1"]), 20)
+        pod = c.pod("tiny-a1")
+        owner = pod.metadata.owner_references[0]
+        assert (owner.kind, owner.name, owner.controller) == ("LoRATrainingJob", "tiny", True)
+        env = {e.name: e for e in pod.spec.containers[0].env}
+        assert json.loads(env["LORA_TRAIN_CONFIG"].value)["output_dir"] == f"s3://{s3_env.bucket}/outputs/job/"
+        assert env["AWS_ACCESS_KEY_ID"].value_from.secret_key_ref.name == "s3-creds"
+
+        c.run("tiny-a1")
+        eventually(lambda: _assert(c.status("tiny").get("phase") == "Running"), 10)
+        s3.put_object(Bucket=s3_env.bucket, Key="outputs/job/progress.json",
+                      Body=json.dumps({"step": 12, "total_steps": 40, "loss": 0.25, "updated": "2025-01-01T00:00:00Z"}))
+        s3.put_object(Bucket=s3_env.bucket, Key="outputs/job/checkpoints/latest.json",
+                      Body=json.dumps({"step": 10, "attempt": 1, "path": "checkpoints/step-000000010"}))
+        eventually(lambda: _assert((c.status("tiny").get("progress") or {}).get("step") == 12), 10)
+        st = c.status("tiny")
+        assert st["progress"]["percent"] == 30.0 and st["latestCheckpoint"]["step"] == 10
+        assert c.condition("tiny", "CheckpointCommitted")["status"] == "True"
+
+        c.finish("tiny-a1", 143, disruption="PreemptionByScheduler")
+        eventually(lambda: _assert(c.pods("tiny") == ["tiny-a1", "tiny-a2"]), 10)
+        st = c.status("tiny")
+        assert (st["preemptions"], st["failures"], st["attempt"]) == (1, 0, 2)
+        assert st["lastAttempt"]["reason"] == "PreemptionByScheduler"
+        assert c.pod("tiny-a2").spec.containers[0].env[1].value == "2"  # LORA_ATTEMPT
+
+        c.run("tiny-a2")
+        c.finish("tiny-a2", 137, reason="OOMKilled")
+        eventually(lambda: _assert("tiny-a3" in c.pods("tiny")), 10)
+        st = c.status("tiny")
+        assert (st["preemptions"], st["failures"], st["lastAttempt"]["reason"]) == (1, 1, "OOMKilled")
+
+        c.run("tiny-a3")
+        c.finish("tiny-a3", 0, reason="Completed")
+        eventually(lambda: _assert(c.status("tiny").get("phase") == "Succeeded"), 10)
+        assert c.condition("tiny", "Ready")["status"] == "True"
+        assert c.status("tiny")["observedGeneration"] == c.job("tiny")["metadata"]["generation"]
+        events = c.core.list_namespaced_event(c.ns).items
+        reasons = {e.reason for e in events if e.involved_object.name == "tiny"}
+        assert {"AttemptStarted", "Preempted", "Failed", "Recovering", "Running", "Succeeded"} <= reasons
+
+
+def test_permanent_error_fails_with_trainer_message(kube_api: KubeTarget, cluster: Cluster) -> None:
+    c = cluster
+    with operator(kube_api, c.ns):
+        c.create_job("bad-data", job_spec())
+        eventually(lambda: _assert(c.pods("bad-data") == ["bad-data-a1"]), 20)
+        c.run("bad-data-a1")
+        message = json.dumps({"reason": "InputMissing", "step": 0, "checkpoint": None,
+                              "message": "s3://b/models/tiny-sd/model_index.json not found; check spec.baseModel.uri"})
+        c.finish("bad-data-a1", 66, message=message)
+        eventually(lambda: _assert(c.status("bad-data").get("phase") == "Failed"), 10)
+        st = c.status("bad-data")
+        assert st["reason"] == "InputMissing" and "check spec.baseModel.uri" in st["message"]
+        assert c.condition("bad-data", "Stalled")["status"] == "True"
+        assert c.pods("bad-data") == ["bad-data-a1"] and st["failures"] == 0
+
+
+def test_suspend_resume_and_delete(kube_api: KubeTarget, cluster: Cluster, s3_env: Any) -> None:
+    c = cluster
+    s3 = s3_env.client()
+    s3.put_object(Bucket=s3_env.bucket, Key="outputs/job/keep.txt", Body=b"data")
+    with operator(kube_api, c.ns):
+        c.create_job("pause", job_spec(s3_env.endpoint, s3_env.bucket, spot={"terminationGracePeriodSeconds": 20}))
+        eventually(lambda: _assert(c.pods("pause") == ["pause-a1"]), 20)
+        c.run("pause-a1")
+        eventually(lambda: _assert(c.status("pause").get("phase") == "Running"), 10)
+        c.patch_spec("pause", {"suspend": True})
+        eventually(lambda: _assert(c.pod("pause-a1").metadata.deletion_timestamp is not None), 10)
+        assert c.pod("pause-a1").metadata.deletion_grace_period_seconds == 20
+        assert c.status("pause")["phase"] == "Suspended"
+        c.finish("pause-a1", 75, message=json.dumps({"reason": "Preempted", "step": 7, "message": "SIGTERM"}))
+        c.remove("pause-a1")
+        eventually(lambda: _assert(c.pods("pause") == []), 10)
+        eventually(lambda: _assert(c.condition("pause", "Reconciling").get("status") == "False"), 10)
+        st = c.status("pause")
+        assert (st["phase"], st["preemptions"], st["failures"]) == ("Suspended", 0, 0)
+
+        c.patch_spec("pause", {"suspend": False})
+        eventually(lambda: _assert(c.pods("pause") == ["pause-a2"]), 10)
+        c.custom.delete_namespaced_custom_object(GROUP, VERSION, c.ns, PLURAL, "pause")
+        eventually(lambda: _assert(c.pods("pause") == []), 15)
+        eventually(lambda: _assert_gone(c, "pause"), 15)
+    assert s3.get_object(Bucket=s3_env.bucket, Key="outputs/job/keep.txt")["Body"].read() == b"data"
+
+
+def test_bad_specs(kube_api: KubeTarget, cluster: Cluster) -> None:
+    c = cluster
+    with pytest.raises(ApiException) as info:
+        c.create_job("rejected", job_spec(training={"maxTrainSteps": 40, "learningRate": 0}))
+    assert info.value.status == 422 and "learningRate" in info.value.body
+    with operator(kube_api, c.ns):
+        c.create_job("semantic", job_spec(training={"maxTrainSteps": 10, "warmupSteps": 50}))
+        eventually(lambda: _assert(c.status("semantic").get("phase") == "Failed"), 20)
+        st = c.status("semantic")
+        assert st["reason"] == "InvalidSpec" and st["message"].startswith("spec.training.warmupSteps:")
+        assert "Traceback" not in json.dumps(st)
+        assert c.pods("semantic") == []
+
+
+def test_missing_secret_stalls(kube_api: KubeTarget, cluster: Cluster) -> None:
+    c = cluster
+    with operator(kube_api, c.ns, pending_deadline=1.0):
+        c.create_job("nosecret", job_spec(storage={"credentialsSecret": "absent"}))
+        eventually(lambda: _assert(c.pods("nosecret") == ["nosecret-a1"]), 20)
+        c.core.create_namespaced_pod_binding(
+            "nosecret-a1", c.ns, {"metadata": {"name": "nosecret-a1"}, "target": {"kind": "Node", "name": "n"}},
+            _preload_content=False)
+        c.waiting("nosecret-a1", "CreateContainerConfigError", 'secret "absent" not found')
+        eventually(lambda: _assert(c.condition("nosecret", "Stalled").get("status") == "True"), 10)
+        cond = c.condition("nosecret", "Stalled")
+        assert cond["reason"] == "CreateContainerConfigError"
+        assert 'secret "absent" not found' in cond["message"] and "spec.storage.credentialsSecret" in cond["message"]
+        assert c.status("nosecret")["phase"] == "Pending"
+
+
+def test_restart_mid_job_creates_no_duplicate(kube_api: KubeTarget, cluster: Cluster) -> None:
+    c = cluster
+    with operator(kube_api, c.ns):
+        c.create_job("steady", job_spec())
+        eventually(lambda: _assert(c.pods("steady") == ["steady-a1"]), 20)
+        c.run("steady-a1")
+        eventually(lambda: _assert(c.status("steady").get("phase") == "Running"), 10)
+    # While the operator is down the pod is preempted; the new operator sees it once.
+    c.finish("steady-a1", 143, disruption="DeletionByTaintManager")
+    with operator(kube_api, c.ns):
+        eventually(lambda: _assert(c.pods("steady") == ["steady-a1", "steady-a2"]), 20)
+    with operator(kube_api, c.ns):
+        eventually(lambda: _assert(c.status("steady").get("attempt") == 2), 10)
+        import time
+        time.sleep(2.5)  # a few reconcile ticks
+        assert c.pods("steady") == ["steady-a1", "steady-a2"]
+        assert c.status("steady")["preemptions"] == 1
+
+
+def _assert(condition: bool) -> None:
+    assert condition
+
+
+def _assert_gone(c: Cluster, name: str) -> None:
+    try:
+        c.job(name)
+    except ApiException as exc:
+        assert exc.status == 404
+        return
+    raise AssertionError(f"{name} still exists")

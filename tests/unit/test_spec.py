@@ -1,0 +1,99 @@
+"""The job spec and its mapping to the trainer's TrainConfig.
+
+Behaviours tested:
+- the design's example spec parses and maps field by field onto TrainConfig;
+- defaults fill what is omitted (alpha = rank in the trainer, text-to-image, 50 preemptions);
+- errors name the CRD path (`spec.training.learningRate`), the value and the fix;
+- semantic checks a schema cannot express (warm-up longer than training) are caught.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from lora_operator.spec import SpecError, parse_spec, to_train_config
+from tests.unit.builders import MINIMAL_SPEC
+
+DESIGN_SPEC = {
+    "task": "text-to-image",
+    "baseModel": {"uri": "s3://models/sd15/"},
+    "dataset": {"uri": "s3://datasets/portraits/", "captions": "metadata.csv"},
+    "lora": {"rank": 8, "alpha": 8, "targetModules": ["to_q", "to_k", "to_v", "to_out.0"], "trainTextEncoder": False},
+    "training": {"batchSize": 4, "gradientAccumulationSteps": 2, "maxTrainSteps": 1500, "learningRate": 2e-4,
+                 "lrScheduler": "cosine", "warmupSteps": 100, "mixedPrecision": "bf16", "resolution": 512, "seed": 42},
+    "checkpoint": {"everySteps": 500, "keepLast": 3},
+    "output": {"uri": "s3://loras/portrait_style_v2/"},
+    "storage": {"endpoint": "http://minio.minio:9000", "region": "us-east-1", "credentialsSecret": "s3-creds"},
+    "resources": {"gpus": 1, "memory": "24Gi", "nodeSelector": {}, "tolerations": [], "priorityClassName": ""},
+    "spot": {"maxPreemptions": 50},
+    "failurePolicy": {"backoffLimit": 3},
+    "image": "",
+    "suspend": False,
+}
+
+
+def test_design_spec_maps_onto_train_config() -> None:
+    config = to_train_config(parse_spec(DESIGN_SPEC))
+    expected = {
+        "task": "text-to-image", "base_model": "s3://models/sd15/", "train_data_dir": "s3://datasets/portraits/",
+        "metadata_path": "metadata.csv", "output_dir": "s3://loras/portrait_style_v2/", "lora_rank": 8,
+        "lora_alpha": 8.0, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "train_text_encoder": False,
+        "batch_size": 4, "gradient_accumulation_steps": 2, "max_train_steps": 1500, "learning_rate": 2e-4,
+        "lr_scheduler": "cosine", "lr_warmup_steps": 100, "mixed_precision": "bf16", "resolution": 512, "seed": 42,
+        "save_steps": 500, "keep_last": 3, "device": "cuda", "cache_dir": "/scratch/cache",
+        "preemption_grace_seconds": 25.0,
+    }
+    got = config.model_dump()
+    assert {k: got[k] for k in expected} == expected
+    assert config.s3.endpoint_url == "http://minio.minio:9000" and config.s3.region == "us-east-1"
+
+
+def test_defaults() -> None:
+    spec = parse_spec(MINIMAL_SPEC)
+    assert (spec.task, spec.lora.rank, spec.spot.max_preemptions, spec.failure_policy.backoff_limit) == (
+        "text-to-image", 8, 50, 3)
+    assert to_train_config(spec).alpha == 8.0
+    assert to_train_config(parse_spec({**MINIMAL_SPEC, "resources": {"gpus": 0}})).device == "cpu"
+
+
+def test_snake_case_is_accepted_too() -> None:
+    spec = copy.deepcopy(MINIMAL_SPEC)
+    spec["base_model"] = spec.pop("baseModel")
+    assert parse_spec(spec).base_model.uri == "s3://models/sd15/"
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"training": {"maxTrainSteps": 100, "learningRate": 5}}, "spec.training.learningRate", "5"),
+        ({"training": {"maxTrainSteps": 100, "learningRate": -1}}, "spec.training.learningRate", "greater than 0"),
+        ({"training": {"maxTrainSteps": 100, "resolution": 500}}, "spec.training.resolution", "multiple of 8"),
+        ({"lora": {"rank": 0}}, "spec.lora.rank", "greater than or equal to 1"),
+        ({"training": {}}, "spec.training.maxTrainSteps", "set maxTrainSteps"),
+        ({"training": {"maxTrainSteps": 10, "warmupSteps": 50}}, "spec.training.warmupSteps", "lower warmupSteps"),
+        ({"checkpoint": {"everySteps": 500}}, "spec.checkpoint.everySteps", "exceeds maxTrainSteps"),
+        ({"output": {"uri": "file:///tmp/x"}}, "spec.output.uri", "s3://"),
+        ({"training": {"maxTrainSteps": 100, "lrScheduler": "exotic"}}, "spec.training.lrScheduler", "cosine"),
+        ({"lora": {"rnak": 4}}, "spec.lora.rnak", "Extra inputs"),
+        ({"resources": {"memory": "lots"}}, "spec.resources.memory", "pattern"),
+    ],
+)
+def test_errors_name_the_crd_field(change: dict, field: str, words: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec({**MINIMAL_SPEC, **change})
+    assert info.value.field == field
+    assert field in str(info.value) and words in str(info.value)
+
+
+def test_missing_required_block() -> None:
+    spec = dict(MINIMAL_SPEC)
+    del spec["output"]
+    with pytest.raises(SpecError, match=r"spec\.output: Field required"):
+        parse_spec(spec)
+
+
+def test_not_a_mapping() -> None:
+    with pytest.raises(SpecError, match="expected an object"):
+        parse_spec(["nope"])
