@@ -35,3 +35,4 @@ crd: install
 
 clean:
 	rm -rf .demo .dev
+include docs/make-images.mk
