@@ -24,8 +24,9 @@ demo: install
 lint: install
 	$(PY) -m ruff check .
 
+KILLS ?= 100
 chaos: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests/e2e/test_chaos.py -s
+	HF_HUB_OFFLINE=1 $(PY) -m tests.e2e.chaos --kills $(KILLS)
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/run_all.py

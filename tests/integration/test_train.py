@@ -51,9 +51,9 @@ def test_output_folder_layout(trained: Path) -> None:
                  "checkpoints/pytorch_lora_weights_step_50.safetensors", contract.LATEST_FILE):
         assert (trained / name).is_file(), name
     assert list((trained / "logs").glob("events.out.tfevents.*"))
-    # keep_last: 1 -> only the newest resumable checkpoint stays, and it is committed.
-    assert [p.name for p in (trained / "checkpoints").glob("step-*")] == ["step-000000050"]
-    assert (trained / "checkpoints/step-000000050/MANIFEST.json").is_file()
+    # keep_last: 1 -> only the newest resumable checkpoint stays (the last step's), and it is committed.
+    assert [p.name for p in (trained / "checkpoints").glob("step-*")] == ["step-000000060"]
+    assert (trained / "checkpoints/step-000000060/MANIFEST.json").is_file()
     progress = contract.Progress.model_validate_json((trained / contract.PROGRESS_FILE).read_text())
     assert (progress.step, progress.total_steps, progress.state) == (60, 60, "finished")
     assert "max_train_steps: 60" in (trained / contract.CONFIG_BACKUP).read_text()

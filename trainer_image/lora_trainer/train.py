@@ -182,7 +182,9 @@ class Trainer:
                 result.losses[step] = out.loss
                 logs.scalar(step, out.loss, out.lr, out.grad_norm)
                 reporter.update(step, out.loss)
-                if c.save_steps and step % c.save_steps == 0 and step < steps:
+                # The last step is checkpointed too: a run can be extended (more steps) without
+                # losing its tail, and a pod lost while exporting resumes with nothing to redo.
+                if c.save_steps and (step % c.save_steps == 0 or step == steps):
                     snapshot(step)
                 if time.monotonic() - last_progress > PROGRESS_EVERY_SECONDS:
                     progress("running")
