@@ -123,6 +123,13 @@ def is_terminating(pod: Mapping[str, Any]) -> bool:
     return bool((pod.get("metadata") or {}).get("deletionTimestamp"))
 
 
+def is_owned_by(pod: Mapping[str, Any], uid: str | None) -> bool:
+    """Whether the pod belongs to the job with this uid. A pod left by a deleted job of the same
+    name (the garbage collector has not removed it yet) carries the old uid and is not ours."""
+    refs = [r for r in (pod.get("metadata") or {}).get("ownerReferences") or [] if r.get("controller")]
+    return not uid or not refs or any(r.get("uid") == uid for r in refs)
+
+
 def attempt_of(pod: Mapping[str, Any]) -> int:
     """The attempt number from the pod's label; 0 when it is missing or garbled."""
     value = ((pod.get("metadata") or {}).get("labels") or {}).get(ATTEMPT_LABEL, "")

@@ -2,6 +2,7 @@
 
     lora-operator run [--namespace NS ...] [--trainer-image IMG] [--standalone] ...
     lora-operator crd > crds/loratrainingjobs.lora-operator.dev.yaml
+    lora-operator crd --markdown > docs/spec-reference.md
     lora-operator dev ...      (lora_operator.devcluster.cli, when present)
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from lora_operator import __version__
-from lora_operator.settings import Settings, add_arguments, from_args
+from lora_operator.settings import Settings, add_arguments, from_args, peering_priority
 
 DEV_MODULE = "lora_operator.devcluster.cli"
 
@@ -31,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(run)
     run.add_argument("--kubeconfig", help="kubeconfig file; default in-cluster, then $KUBECONFIG")
     run.add_argument("--verbose", "-v", action="store_true", help="debug logs")
-    sub.add_parser("crd", help="print the CustomResourceDefinition YAML")
+    crd = sub.add_parser("crd", help="print the CustomResourceDefinition YAML")
+    crd.add_argument("--markdown", action="store_true", help="print the spec/status reference as Markdown instead")
     sub.add_parser("dev", help="a local dev cluster (emulator + S3); see `lora-operator dev --help`", add_help=False)
     return parser
 
@@ -57,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
     _configure_logging(settings, args.verbose)
     logging.getLogger(__name__).info(
         "starting: namespaces=%s image=%s peering=%s", settings.namespaces or "all", settings.trainer_image,
-        "standalone" if settings.standalone else settings.peering,
+        "standalone" if settings.standalone else f"{settings.peering} priority={peering_priority(settings)}",
     )
     try:
         asyncio.run(run_operator(settings, kubeconfig=args.kubeconfig))
@@ -76,8 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(importlib.import_module(DEV_MODULE).main(argv[1:]) or 0)
     args = _parser().parse_args(argv)
     if args.command == "crd":
-        from lora_operator.crd import render_crd
+        if args.markdown:
+            from lora_operator.specdoc import render_markdown
 
-        sys.stdout.write(render_crd())
+            sys.stdout.write(render_markdown())
+        else:
+            from lora_operator.crd import render_crd
+
+            sys.stdout.write(render_crd())
         return 0
     return _run(args)

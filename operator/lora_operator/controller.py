@@ -22,11 +22,23 @@ from lora_operator import kube as k
 from lora_operator.classify import JOB_LABEL, is_terminating, parse_time
 from lora_operator.progress import ProgressUnavailable, credentials_from_secret, read_progress
 from lora_operator.reconcile import CreatePod, Decision, DeletePod, Observed, pod_rejected, reconcile
-from lora_operator.settings import Settings
+from lora_operator.settings import Settings, peering_priority
 from lora_operator.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
 from lora_operator.status import TERMINAL_PHASES, merge_patch
 
 ERROR_DELAY = 5.0  # seconds before a loop retries after the API or the store failed
+WAKE_HANDLERS = ("job_event", "pod_event")
+
+
+class QuietWakeups(logging.Filter):
+    """Drops Kopf's "Handler '...pod_event' succeeded." line, logged for every watch event of
+    every job and pod: the wake-up handlers do nothing worth a line (reconcile logs what happens),
+    and at 500 jobs those lines were most of the log and a few percent of the CPU."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Handler '") and message.endswith("' succeeded.")
+                    and any(f".{name}'" in message for name in WAKE_HANDLERS))
 
 
 @dataclass
@@ -52,6 +64,7 @@ def _configure(kopf_settings: kopf.OperatorSettings) -> None:
     kopf_settings.persistence.finalizer = f"{GROUP}/finalizer"
     # Events are posted explicitly, one per transition; log lines must not become Events too.
     kopf_settings.posting.level = logging.CRITICAL
+    kopf_settings.posting.reporting_component = "lora-operator"  # the From column of `kubectl describe`
     kopf_settings.watching.server_timeout = 300
     kopf_settings.watching.client_timeout = 330
     kopf_settings.networking.request_timeout = 60
@@ -217,14 +230,16 @@ def build_registry(memo: Memo) -> kopf.OperatorRegistry:
     async def job_daemon(namespace: str, name: str, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any) -> None:
         await job_loop(memo, namespace, name, stopped, logger)
 
+    # Event handlers are async on purpose: Kopf runs sync handlers in a worker thread, and
+    # asyncio.Event.set() from another thread is not thread-safe (the loop may not wake up).
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def job_event(body: Mapping[str, Any], **_: Any) -> None:
+    async def job_event(body: Mapping[str, Any], **_: Any) -> None:
         meta, status = body.get("metadata") or {}, body.get("status") or {}
         if meta.get("generation") != status.get("observedGeneration"):  # a spec edit, not our status write
             memo.wake(meta.get("namespace", ""), meta.get("name", ""))
 
     @kopf.on.event("v1", "pods", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
-    def pod_event(namespace: str, labels: Mapping[str, str], **_: Any) -> None:
+    async def pod_event(namespace: str, labels: Mapping[str, str], **_: Any) -> None:
         memo.wake(namespace, labels[JOB_LABEL])
 
     return registry
@@ -234,11 +249,16 @@ async def run_operator(settings: Settings, *, kubeconfig: str | None = None, sto
                        ready_flag: Any = None) -> None:
     """Run the operator until `stop_flag` is set (or forever): `lora-operator run` and the tests."""
     memo = Memo(settings=settings, kube=k.Kube(k.load_configuration(kubeconfig)))
+    objects_logger = logging.getLogger("kopf.objects")
+    if not any(isinstance(f, QuietWakeups) for f in objects_logger.filters):
+        objects_logger.addFilter(QuietWakeups())
     await kopf.operator(
         registry=build_registry(memo),
         standalone=settings.standalone,
         # A peering name makes peering mandatory: without the KopfPeering CRDs the operator waits.
         peering_name=None if settings.standalone else settings.peering,
+        # Equal priorities make every replica pause: each one gets its own (see settings).
+        priority=None if settings.standalone else peering_priority(settings),
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,
         liveness_endpoint=settings.liveness or None,

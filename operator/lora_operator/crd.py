@@ -12,7 +12,16 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from lora_operator.spec import API_VERSION, GROUP, IMMUTABLE_FIELDS, KIND, MAX_JOB_NAME, PLURAL, VERSION, JobSpec
+from lora_operator.spec import (
+    API_VERSION,
+    GROUP,
+    IMMUTABLE_FIELDS,
+    KIND,
+    MAX_JOB_NAME,
+    PLURAL,
+    VERSION,
+    JobSpec,
+)
 from lora_operator.status import JobStatus
 
 CRD_NAME = f"{PLURAL}.{GROUP}"

@@ -8,8 +8,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lora_trainer.contract import ENV_ATTEMPT, ENV_CACHE_DIR, ENV_CONFIG
-
 from lora_operator.classify import ATTEMPT_LABEL, JOB_LABEL, TRAINER_CONTAINER
 from lora_operator.settings import Settings
 from lora_operator.spec import (
@@ -21,6 +19,7 @@ from lora_operator.spec import (
     parse_spec,
     to_train_config,
 )
+from lora_trainer.contract import ENV_ATTEMPT, ENV_CACHE_DIR, ENV_CONFIG
 
 TRAINER_UID = 1000
 COMMAND = ["lora-train"]

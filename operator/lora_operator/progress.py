@@ -18,9 +18,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ValidationError
 
-from lora_trainer.contract import LATEST_FILE, PROGRESS_FILE, LatestPointer, Progress
-
 from lora_operator.spec import StorageSpec
+from lora_trainer.contract import LATEST_FILE, PROGRESS_FILE, LatestPointer, Progress
 
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _MAX_CLIENTS = 256

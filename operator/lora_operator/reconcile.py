@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from lora_trainer.contract import LatestPointer, Progress
-
 from lora_operator import status as st
 from lora_operator.classify import (
     Outcome,
@@ -26,6 +24,7 @@ from lora_operator.classify import (
     classify_finished,
     force_deleted,
     is_live,
+    is_owned_by,
     is_terminating,
     next_backoff,
     parse_time,
@@ -37,6 +36,7 @@ from lora_operator.classify import (
 from lora_operator.pods import build_pod, pod_name
 from lora_operator.settings import Settings
 from lora_operator.spec import JobSpec, SpecError, parse_spec, to_train_config
+from lora_trainer.contract import LatestPointer, Progress
 
 KEEP_FINISHED_PODS = 2  # finished pods of the last attempts stay for `kubectl logs`
 
@@ -99,6 +99,9 @@ class _Run:
         self.name = self.meta.get("name", "")
         self.generation = self.meta.get("generation")
         self.old = obs.job.get("status") or {}
+        uid = self.meta.get("uid")
+        self.pods = [p for p in obs.pods if is_owned_by(p, uid)]
+        self.foreign = {p["metadata"]["name"] for p in obs.pods if not is_owned_by(p, uid)}
         self.d = Decision(status=copy.deepcopy(dict(self.old)))
         self.s = self.d.status
         self.s.setdefault("attempt", 0)
@@ -113,7 +116,9 @@ class _Run:
 
     def set_phase(self, phase_: str, reason: str, message: str) -> None:
         if self.s.get("phase") != phase_:
-            self.event("Warning" if phase_ == "Failed" else "Normal", phase_, f"{reason}: {message}")
+            # The message often names the reason already ("attempt 1: OOMKilled: ..."): say it once.
+            text = message if reason in message else f"{reason}: {message}"
+            self.event("Warning" if phase_ == "Failed" else "Normal", phase_, text)
         self.s.update(phase=phase_, reason=reason, message=message)
         if phase_ in st.TERMINAL_PHASES:
             self.s.setdefault("completionTime", st.rfc3339(self.now))
@@ -125,7 +130,7 @@ class _Run:
 
     def pod(self, attempt: int) -> Mapping[str, Any] | None:
         wanted = pod_name(self.name, attempt)
-        return next((p for p in self.obs.pods if p["metadata"]["name"] == wanted), None)
+        return next((p for p in self.pods if p["metadata"]["name"] == wanted), None)
 
     def delete(self, pod: Mapping[str, Any], grace: int | None, reason: str) -> None:
         name = pod["metadata"]["name"]
@@ -138,7 +143,7 @@ class _Run:
         return self.s["attempt"] == 0 or last.get("attempt") == self.s["attempt"]
 
     def live_pods(self) -> list[Mapping[str, Any]]:
-        return [p for p in self.obs.pods if is_live(p)]
+        return [p for p in self.pods if is_live(p)]
 
     # --- the checklist ------------------------------------------------------------------------
     def run(self) -> Decision:
@@ -169,7 +174,7 @@ class _Run:
     def clean_up(self) -> None:
         """Finished jobs keep no live pods; old finished pods go, the last ones stay for logs."""
         terminal = self.s.get("phase") in st.TERMINAL_PHASES
-        for p in self.obs.pods:
+        for p in self.pods:
             old = attempt_of(p) <= self.s["attempt"] - KEEP_FINISHED_PODS
             if (terminal and is_live(p) and not is_terminating(p)) or (old and not is_live(p)):
                 self.delete(p, None, "cleanup")
@@ -267,9 +272,15 @@ class _Run:
     def delete_strays(self, spec: JobSpec) -> None:
         """Live pods of other attempts must never run beside the current one (fencing)."""
         for p in self.live_pods():
-            if attempt_of(p) != self.s["attempt"] and not is_terminating(p):
+            if attempt_of(p) == self.s["attempt"]:
+                continue
+            node = (p.get("spec") or {}).get("nodeName") or ""
+            if not is_terminating(p):
                 self.delete(p, spec.spot.termination_grace_period_seconds, Reason.STALE_POD)
                 self.event("Warning", Reason.STALE_POD, f"deleted {p['metadata']['name']}: not the current attempt")
+            elif stuck_terminating(p, self.now, self.settings.terminating_grace, self.obs.nodes_ready.get(node)):
+                # Its node is gone: it would block the next attempt (never two live pods) forever.
+                self.delete(p, 0, Reason.NODE_LOST)
 
     def suspend(self, spec: JobSpec) -> None:
         live = self.live_pods()
@@ -290,9 +301,14 @@ class _Run:
         if due is not None and due > self.now:
             self.d.requeue((due - self.now).total_seconds())
             return
+        attempt = self.s["attempt"] + 1
+        if pod_name(self.name, attempt) in self.foreign:
+            # A deleted job's pod still holds the name until the garbage collector removes it.
+            self.wait_for_cluster(f"waiting for pod {pod_name(self.name, attempt)} of a deleted job with the same "
+                                 "name to be garbage-collected")
+            return
         if self.s.get("phase") == "Suspended":
             self.event("Normal", Reason.RESUMED, "spec.suspend is false: starting the next attempt")
-        attempt = self.s["attempt"] + 1
         self.d.actions.append(CreatePod(build_pod(self.obs.job, attempt, self.settings, spec)))
         self.s.update(attempt=attempt, podName=pod_name(self.name, attempt))
         self.s.pop("nextAttemptTime", None)
@@ -303,6 +319,12 @@ class _Run:
         else:
             self.set_phase("Recovering", self.s.get("reason") or Reason.WAITING,
                            f"attempt {attempt} started; it resumes from the latest checkpoint")
+
+    def wait_for_cluster(self, message: str) -> None:
+        """Nothing to do but wait a little for the cluster (not a user error: no Stalled)."""
+        if not self.s.get("phase"):
+            self.set_phase("Pending", Reason.WAITING, message)
+        self.d.requeue(min(2.0, self.settings.progress_interval))
 
     def mirror_progress(self, spec: JobSpec) -> None:
         if self.obs.progress is not None:

@@ -1,18 +1,30 @@
 """The operator's settings: LORA_OPERATOR_* environment variables, overridden by CLI flags.
 
 The Helm chart sets the environment variables; the names here are its contract.
+
+Peering priority: with two or more replicas, Kopf keeps the peer of the highest priority active
+and pauses the others; peers of *equal* priority all pause (with a warning), so replicas must
+never share one. `--priority` / LORA_OPERATOR_PRIORITY sets it; otherwise it is derived from the
+pod's name (POD_NAME, which the chart sets from metadata.name; else the host name, which is the
+pod's name in a Deployment) by a hash, so it is stable across restarts of the same pod and two
+pods of one Deployment collide with a chance of about 1 in 2^31.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import hashlib
+import os
+import socket
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/lora-operator/trainer:0.1.0"
+MAX_PRIORITY = 2**31 - 1  # Kopf stores the priority in the peering object as an integer
+POD_NAME_ENV = "POD_NAME"
 
 
 class Settings(BaseSettings):
@@ -33,6 +45,10 @@ class Settings(BaseSettings):
     liveness: str = Field("http://0.0.0.0:8080/healthz", description="Liveness endpoint URL; empty disables it.")
     peering: str = Field("lora-operator", description="Kopf peering object name (two replicas, one active).")
     standalone: bool = Field(False, description="Run without peering.")
+    priority: int | None = Field(
+        None, ge=0, le=MAX_PRIORITY,
+        description="Kopf peering priority; unset derives a distinct one from the pod's name (POD_NAME).",
+    )
 
     @field_validator("namespaces", mode="before")
     @classmethod
@@ -40,6 +56,22 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [ns.strip() for ns in value.split(",") if ns.strip()]
         return value
+
+
+def priority_from_name(name: str) -> int:
+    """A stable peering priority in [1, MAX_PRIORITY] from a pod name (sha256, not Python's
+    per-process salted hash(), so every restart of the pod gets the same one)."""
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return 1 + int.from_bytes(digest[:8], "big") % MAX_PRIORITY
+
+
+def peering_priority(settings: Settings, environ: Mapping[str, str] | None = None, hostname: str | None = None) -> int:
+    """The Kopf priority this replica runs with: the setting, else a hash of POD_NAME or the host name."""
+    if settings.priority is not None:
+        return settings.priority
+    env = os.environ if environ is None else environ
+    name = env.get(POD_NAME_ENV) or hostname or socket.gethostname()
+    return priority_from_name(name)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--liveness", help="liveness endpoint URL, e.g. http://0.0.0.0:8080/healthz")
     parser.add_argument("--peering", help="Kopf peering name for running two replicas safely")
     parser.add_argument("--standalone", action="store_true", default=None, help="run without peering")
+    parser.add_argument("--priority", type=int,
+                        help="Kopf peering priority (LORA_OPERATOR_PRIORITY); default: a hash of $POD_NAME")
 
 
 def from_args(args: argparse.Namespace | None = None, **overrides: Any) -> Settings:

@@ -27,6 +27,8 @@ Each row is a behaviour plain kmock 0.8 lacks; every test also passes against a 
 | a registered CRD is served and discoverable, with its status subresource   | test_crd_is_discoverable                |
 | list carries metadata.resourceVersion; watch from it replays later events  | test_watch_resumes_from_list_version    |
 | core/v1 and events.k8s.io/v1 Events are creatable and listable             | test_events_are_creatable_and_listable  |
+| discovery as kubectl maps it: core is `v1`, subresources have no shortNames| test_discovery_as_kubectl_reads_it      |
+| `kubectl get` Tables: Name + additionalPrinterColumns, dates as ages       | test_server_side_printing_tables        |
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ CRD: dict[str, Any] = {
         "names": {"plural": PLURAL, "singular": "gadget", "kind": KIND, "shortNames": ["gdg"]},
         "versions": [{
             "name": VERSION, "served": True, "storage": True, "subresources": {"status": {}},
+            "additionalPrinterColumns": [
+                {"name": "Mode", "type": "string", "jsonPath": ".spec.mode"},
+                {"name": "Step", "type": "integer", "jsonPath": ".status.step"},
+                {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+            ],
             "schema": {"openAPIV3Schema": {"type": "object", "properties": {
                 "spec": {"type": "object", "required": ["model"], "properties": {
                     "model": {"type": "string", "minLength": 1},
@@ -415,3 +422,38 @@ def test_events_are_creatable_and_listable(client, core, ns):
                                             "reportingInstance": "fidelity-1",
                                             "eventTime": "2024-01-01T00:00:00.000000Z"})
     assert "fidelity-new" in {e.metadata.name for e in events_api.list_namespaced_event(ns).items}
+
+
+def get_raw(client: kubernetes.client.ApiClient, path: str, accept: str = "application/json") -> dict[str, Any]:
+    """GET a path with the client's credentials; the JSON body as sent."""
+    method, url, headers, body, _ = client.param_serialize("GET", path, header_params={"Accept": accept},
+                                                           auth_settings=["BearerToken"])
+    response = client.call_api(method, url, header_params=headers, body=body)
+    response.read()
+    assert response.status == 200, response.data
+    return json.loads(response.data)
+
+
+def test_discovery_as_kubectl_reads_it(client):
+    assert kubernetes.client.CoreApi(client).get_api_versions().versions == ["v1"]
+    listed = get_raw(client, "/api/v1")
+    assert listed["groupVersion"] == "v1" and "secrets" in {r["name"] for r in listed["resources"]}
+    found = {r.name: r for r in kubernetes.client.CustomObjectsApi(client).get_api_resources(GROUP, VERSION).resources}
+    assert found[PLURAL].short_names == ["gdg"]
+    assert not found[f"{PLURAL}/status"].short_names  # else `kubectl get gdg` is ambiguous
+
+
+TABLE_ACCEPT = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
+
+
+def test_server_side_printing_tables(client, custom, ns):
+    create_gadget(custom, ns, "printed", mode="fast")
+    custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, PLURAL, "printed", {"status": {"step": 7}})
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}"
+    for url in (path, f"{path}/printed"):
+        table = get_raw(client, url, TABLE_ACCEPT)
+        assert (table["kind"], table["apiVersion"]) == ("Table", "meta.k8s.io/v1")
+        assert [c["name"] for c in table["columnDefinitions"]] == ["Name", "Mode", "Step", "Age"]
+        (row,) = [r for r in table["rows"] if r["cells"][0] == "printed"]
+        assert row["cells"][1:3] == ["fast", 7]
+        assert row["cells"][3][-1] in "smhdy" and row["object"]["metadata"]["name"] == "printed"

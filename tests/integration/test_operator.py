@@ -1,17 +1,21 @@
 """The real operator (Kopf) against the Kubernetes API emulator, with the test as the kubelet.
 
 Behaviours tested:
-- a job gets pod <job>-a1 owned by it; Running → phase Running; progress.json and latest.json in
-  S3 are mirrored into status (read with the job's Secret);
+- a job gets pod <job>-a1 owned by it, which (as the API server stored it) validates against the
+  upstream Pod schema; Running → phase Running; progress.json and latest.json in S3 are mirrored
+  into status (read with the job's Secret);
 - preemption (DisruptionTarget + Failed) → pod a2 with no failure counted; OOMKilled → a retry
-  after the backoff with one failure counted;
+  after the backoff with one failure counted; OOMKilled past failurePolicy.backoffLimit → Failed;
 - exit 0 → Succeeded + Ready; exit 78 with a termination message → Failed with that message;
+- a pod stuck Terminating on a NotReady node is force-deleted after the grace period and the
+  next attempt starts; one stuck on a Ready node is left alone;
 - suspend deletes the running pod with its grace period (the kubelet finishes it) → Suspended;
   resume starts the next attempt;
 - deleting a job garbage-collects its pods and leaves S3 untouched;
 - a bad spec: the schema answers 422; a semantic error → Failed naming the field;
 - a missing secret (CreateContainerConfigError) → Stalled after the (short) pending deadline;
-- the operator restarted mid-job creates no duplicate pod.
+- the operator restarted mid-job creates no duplicate pod;
+- the liveness endpoint answers 200 while the operator runs.
 The same tests pass against a real cluster (LORA_TEST_KUBECONFIG) with no kubelet interfering
 only if its nodes cannot run the pods; they are meant for the emulator.
 """
@@ -22,22 +26,27 @@ import asyncio
 import base64
 import contextlib
 import json
+import socket
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import kubernetes
+import kubernetes_validate
 import pytest
 from kubernetes.client.rest import ApiException
+
 from lora_operator.controller import run_operator
 from lora_operator.devcluster.s3 import TEST_CREDENTIALS
 from lora_operator.settings import Settings
 from lora_operator.spec import GROUP, PLURAL, VERSION
-
 from tests.support.kube import KubeTarget, eventually
 
 pytestmark = pytest.mark.timeout(120)
 JOB_LABEL = "lora-operator.dev/job"
+K8S_VERSION = "1.30.0"
 
 
 @contextlib.contextmanager
@@ -97,6 +106,10 @@ class Cluster:
     def pod(self, name: str) -> Any:
         return self.core.read_namespaced_pod(name, self.ns)
 
+    def raw_pod(self, name: str) -> dict[str, Any]:
+        """The pod as the API server sends it (JSON, not client models)."""
+        return json.loads(self.core.read_namespaced_pod(name, self.ns, _preload_content=False).data)
+
     def condition(self, job: str, ctype: str) -> dict[str, Any]:
         return next((c for c in self.status(job).get("conditions") or [] if c["type"] == ctype), {})
 
@@ -122,6 +135,14 @@ class Cluster:
         self.set_status(pod, {"phase": "Pending", "containerStatuses": [
             {"name": "trainer", "ready": False, "restartCount": 0, "image": "trainer:test", "imageID": "",
              "state": {"waiting": {"reason": reason, "message": message}}}]})
+
+    def add_node(self, name: str, ready: bool) -> None:
+        """A node as its kubelet registers it; a NotReady one has stopped posting status."""
+        self.core.create_node({"metadata": {"name": name}})
+        condition = {"type": "Ready", "status": "True" if ready else "False",
+                     "reason": "KubeletReady" if ready else "NodeStatusUnknown",
+                     "message": "kubelet is posting ready status" if ready else "Kubelet stopped posting node status."}
+        self.core.patch_node_status(name, {"status": {"conditions": [condition]}})
 
     def set_status(self, pod: str, status: dict[str, Any]) -> None:
         self.core.patch_namespaced_pod_status(pod, self.ns, {"status": status})
@@ -163,12 +184,16 @@ def test_lifecycle_preemption_oom_success_and_progress(kube_api: KubeTarget, clu
     with operator(kube_api, c.ns):
         c.create_job("tiny", job_spec(s3_env.endpoint, s3_env.bucket))
         eventually(lambda: _assert(c.pods("tiny") == ["tiny-a1"]), 20)
+        kubernetes_validate.validate(c.raw_pod("tiny-a1"), K8S_VERSION, strict=True)
         pod = c.pod("tiny-a1")
         owner = pod.metadata.owner_references[0]
         assert (owner.kind, owner.name, owner.controller) == ("LoRATrainingJob", "tiny", True)
+        assert owner.uid == c.job("tiny")["metadata"]["uid"]
+        assert pod.metadata.labels[JOB_LABEL] == "tiny" and pod.metadata.labels["lora-operator.dev/attempt"] == "1"
         env = {e.name: e for e in pod.spec.containers[0].env}
         assert json.loads(env["LORA_TRAIN_CONFIG"].value)["output_dir"] == f"s3://{s3_env.bucket}/outputs/job/"
         assert env["AWS_ACCESS_KEY_ID"].value_from.secret_key_ref.name == "s3-creds"
+        assert pod.spec.containers[0].security_context.read_only_root_filesystem is True
 
         c.run("tiny-a1")
         eventually(lambda: _assert(c.status("tiny").get("phase") == "Running"), 10)
@@ -210,14 +235,67 @@ def test_permanent_error_fails_with_trainer_message(kube_api: KubeTarget, cluste
         c.create_job("bad-data", job_spec())
         eventually(lambda: _assert(c.pods("bad-data") == ["bad-data-a1"]), 20)
         c.run("bad-data-a1")
-        message = json.dumps({"reason": "InputMissing", "step": 0, "checkpoint": None,
-                              "message": "s3://b/models/tiny-sd/model_index.json not found; check spec.baseModel.uri"})
-        c.finish("bad-data-a1", 66, message=message)
+        message = json.dumps({"reason": "InvalidConfig", "step": 0, "checkpoint": None,
+                              "message": "s3://b/models/tiny-sd/ has no unet/ folder; check spec.baseModel.uri"})
+        c.finish("bad-data-a1", 78, message=message)
         eventually(lambda: _assert(c.status("bad-data").get("phase") == "Failed"), 10)
         st = c.status("bad-data")
-        assert st["reason"] == "InputMissing" and "check spec.baseModel.uri" in st["message"]
+        assert st["reason"] == "InvalidConfig" and "has no unet/ folder; check spec.baseModel.uri" in st["message"]
+        assert st["lastAttempt"]["exitCode"] == 78 and st["lastAttempt"]["result"] == "Permanent"
         assert c.condition("bad-data", "Stalled")["status"] == "True"
-        assert c.pods("bad-data") == ["bad-data-a1"] and st["failures"] == 0
+        assert c.condition("bad-data", "Ready")["status"] == "False"
+        time.sleep(1.5)  # a reconcile tick: no retry for a permanent error
+        assert c.pods("bad-data") == ["bad-data-a1"] and c.status("bad-data")["failures"] == 0
+
+
+def test_oom_past_backoff_limit_fails(kube_api: KubeTarget, cluster: Cluster) -> None:
+    c = cluster
+    with operator(kube_api, c.ns):
+        c.create_job("hungry", job_spec(failurePolicy={"backoffLimit": 1}))
+        eventually(lambda: _assert(c.pods("hungry") == ["hungry-a1"]), 20)
+        c.run("hungry-a1")
+        c.finish("hungry-a1", 137, reason="OOMKilled")
+        eventually(lambda: _assert(c.pods("hungry") == ["hungry-a1", "hungry-a2"]), 10)
+        assert (c.status("hungry")["failures"], c.status("hungry")["phase"]) == (1, "Recovering")
+        c.run("hungry-a2")
+        c.finish("hungry-a2", 137, reason="OOMKilled")
+        eventually(lambda: _assert(c.status("hungry").get("phase") == "Failed"), 10)
+        st = c.status("hungry")
+        assert (st["failures"], st["preemptions"], st["reason"]) == (2, 0, "BackoffLimitExceeded")
+        assert "spec.failurePolicy.backoffLimit (1)" in st["message"] and "OOMKilled" in st["message"]
+        assert c.condition("hungry", "Stalled")["status"] == "True"
+        time.sleep(1.5)
+        assert c.pods("hungry") == ["hungry-a1", "hungry-a2"]
+
+
+def test_pod_stuck_terminating_on_lost_node_is_force_deleted(kube_api: KubeTarget, cluster: Cluster) -> None:
+    c = cluster
+    lost, healthy = f"lost-{c.ns}", f"healthy-{c.ns}"
+    c.add_node(lost, ready=False)
+    c.add_node(healthy, ready=True)
+    try:
+        with operator(kube_api, c.ns, terminating_grace=1.0):
+            c.create_job("stranded", job_spec())
+            c.create_job("slow-stop", job_spec())
+            eventually(lambda: _assert(c.pods("stranded") == ["stranded-a1"] and c.pods("slow-stop") == ["slow-stop-a1"]), 20)
+            c.run("stranded-a1", node=lost)
+            c.run("slow-stop-a1", node=healthy)
+            eventually(lambda: _assert(c.status("stranded").get("phase") == "Running"), 10)
+            # The node lifecycle controller evicts both; only the healthy node's kubelet could confirm.
+            c.core.delete_namespaced_pod("stranded-a1", c.ns, grace_period_seconds=1)
+            c.core.delete_namespaced_pod("slow-stop-a1", c.ns, grace_period_seconds=1)
+            assert c.pod("stranded-a1").metadata.deletion_timestamp is not None
+            eventually(lambda: _assert(c.pods("stranded") == ["stranded-a2"]), 15)
+            st = c.status("stranded")
+            assert (st["attempt"], st["preemptions"], st["failures"]) == (2, 1, 0)
+            assert st["lastAttempt"]["reason"] == "NodeLost" and lost in st["lastAttempt"]["message"]
+            # Past the same deadline, the pod on the Ready node is still waiting for its kubelet.
+            assert c.pod("slow-stop-a1").metadata.deletion_timestamp is not None
+            assert c.pods("slow-stop") == ["slow-stop-a1"] and c.status("slow-stop")["attempt"] == 1
+    finally:
+        for node in (lost, healthy):
+            with contextlib.suppress(ApiException):
+                c.core.delete_node(node)
 
 
 def test_suspend_resume_and_delete(kube_api: KubeTarget, cluster: Cluster, s3_env: Any) -> None:
@@ -291,10 +369,24 @@ def test_restart_mid_job_creates_no_duplicate(kube_api: KubeTarget, cluster: Clu
         eventually(lambda: _assert(c.pods("steady") == ["steady-a1", "steady-a2"]), 20)
     with operator(kube_api, c.ns):
         eventually(lambda: _assert(c.status("steady").get("attempt") == 2), 10)
-        import time
         time.sleep(2.5)  # a few reconcile ticks
         assert c.pods("steady") == ["steady-a1", "steady-a2"]
         assert c.status("steady")["preemptions"] == 1
+
+
+def test_liveness_endpoint(kube_api: KubeTarget, cluster: Cluster) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/healthz"
+    with operator(kube_api, cluster.ns, liveness=url):
+        def alive() -> None:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    assert response.status == 200
+            except OSError as exc:
+                raise AssertionError(str(exc)) from exc
+        eventually(alive, 15)
 
 
 def _assert(condition: bool) -> None:

@@ -27,6 +27,7 @@ import kubernetes
 import pytest
 import yaml
 from kubernetes.client.rest import ApiException
+
 from lora_operator.emulator import RunningEmulator, serve_emulator
 
 __all__ = [

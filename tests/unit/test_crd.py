@@ -5,8 +5,9 @@ Behaviours tested:
 - the CRD validates against the upstream apiextensions schema and is structural: no $ref,
   anyOf, title or const anywhere, a type and a description on every field;
 - printer columns, short names, the status subresource and the immutability rules are there;
-- every LoRATrainingJob under examples/ validates against the CRD's openAPIV3Schema, every other
-  manifest there against the upstream schemas, and every job spec maps onto a TrainConfig.
+- every LoRATrainingJob under examples/ validates against the CRD's openAPIV3Schema (its metadata
+  against the upstream ObjectMeta schema that kubernetes-validate ships), every other manifest
+  there against the upstream schemas, and every job spec maps onto a TrainConfig.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from kubernetes_validate.utils import schema_contents
+from referencing import Registry, Resource
 
 from lora_operator.crd import CRD_FILE, build_crd, render_crd
 from lora_operator.spec import IMMUTABLE_FIELDS, KIND, parse_spec, to_train_config
@@ -48,11 +51,21 @@ def json_schema(node: Any) -> Any:
     return out
 
 
+def validate_metadata(meta: dict[str, Any]) -> None:
+    """Validate metadata against upstream ObjectMeta (strict), as kubernetes-validate would."""
+    folder = f"kubernetes-json-schema/v{K8S_VERSION}-local-strict/"
+    object_meta = schema_contents(folder + "objectmeta-meta-v1.json", K8S_VERSION)
+    registry = Resource.from_contents(schema_contents(folder + "_definitions.json", K8S_VERSION)) @ (
+        Resource.from_contents(object_meta) @ Registry())
+    jsonschema.Draft202012Validator(object_meta, registry=registry).validate(meta)
+
+
 def validate_job(doc: dict[str, Any]) -> None:
-    """Validate a LoRATrainingJob manifest against the CRD's openAPIV3Schema."""
+    """Validate a LoRATrainingJob manifest: the CRD's openAPIV3Schema, and upstream ObjectMeta."""
     root = json_schema(schema())
     root["properties"]["metadata"] = {"type": "object"}
     jsonschema.Draft4Validator(root).validate(doc)
+    validate_metadata(doc["metadata"])
 
 
 def test_committed_crd_is_fresh() -> None:
@@ -125,7 +138,16 @@ def test_examples_validate(path: Path) -> None:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
+def test_examples_are_found() -> None:
+    # examples/*.yaml are manifests; examples/train/ holds trainer configs (lora-train --config).
+    assert {"tiny-job.yaml", "portrait-style.yaml"} <= {p.name for p in EXAMPLES}
+
+
 def test_schema_rejects_bad_jobs() -> None:
+    bad_meta = yaml.safe_load((ROOT / "examples" / "tiny-job.yaml").read_text())
+    bad_meta["metadata"]["labels"] = {"team": 7}
+    with pytest.raises(jsonschema.ValidationError):
+        validate_job(bad_meta)
     for path, value in [(("training", "learningRate"), 0), (("lora", "rnak"), 4), (("training", "resolution"), 33),
                         (("training", "lrScheduler"), "exotic"), (("output", "uri"), "/tmp/out")]:
         bad = yaml.safe_load((ROOT / "examples" / "tiny-job.yaml").read_text())

@@ -10,6 +10,7 @@ items, required, int-or-string, nullable, anyOf).
 from __future__ import annotations
 
 import pytest
+
 from lora_operator.emulator.schema import admit, apply_defaults, prune, validate
 
 SCHEMA = {

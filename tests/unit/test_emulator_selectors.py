@@ -8,6 +8,7 @@ the per-resource list of supported field labels.
 from __future__ import annotations
 
 import pytest
+
 from lora_operator.emulator.selectors import (
     FieldRequirement,
     LabelRequirement,

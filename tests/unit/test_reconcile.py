@@ -10,7 +10,9 @@ Behaviours tested (one row or test each):
 - a pod stuck Terminating on a NotReady node is force-deleted and the job moves on, once;
 - suspend deletes the pod with its grace period and counts nothing; resume starts a new attempt;
 - a bad spec fails the job naming the field; never two live pods; a pod one attempt ahead of
-  the status (lost status write) is adopted, not duplicated; decisions are stable when repeated.
+  the status (lost status write) is adopted, not duplicated; decisions are stable when repeated;
+- pods of a deleted job with the same name (another owner uid) are neither adopted nor counted:
+  the new job waits until the garbage collector frees the pod name.
 """
 
 from __future__ import annotations
@@ -167,6 +169,17 @@ def test_stuck_terminating_on_lost_node_is_force_deleted_once() -> None:
     assert created(gone) == ["job-a2"] and gone.status["preemptions"] == 1
 
 
+def test_older_attempt_stuck_terminating_on_lost_node_does_not_block_forever() -> None:
+    stray = make_pod(1, phase="Running", deleting_ago=400, node="n1")
+    status = running(attempt=2, phase="Recovering", lastAttempt={"attempt": 2, "result": "Preempted"})
+    d = decide(make_job(status=status), [stray], nodes_ready={"n1": False})
+    assert deleted(d) == [("job-a1", 0)] and created(d) == []
+    waiting = decide(make_job(status=status), [stray], nodes_ready={"n1": True})
+    assert waiting.actions == []  # its kubelet still answers: let it finish the grace period
+    gone = decide(make_job(status=d.status), [])
+    assert created(gone) == ["job-a3"]
+
+
 def test_terminating_on_ready_node_waits() -> None:
     d = decide(make_job(status=running()), [make_pod(phase="Running", deleting_ago=400, node="n1")], nodes_ready={"n1": True})
     assert d.actions == [] and d.status["preemptions"] == 0
@@ -206,6 +219,34 @@ def test_lost_status_write_adopts_pod_instead_of_duplicating() -> None:
     assert created(d) == [] and deleted(d) == [] and d.status["attempt"] == 2 and d.status["preemptions"] == 1
     d2 = decide(make_job(status=d.status), pods)
     assert d2.actions == [] and d2.status["preemptions"] == 1
+
+
+def owned_by(pod: dict, uid: str) -> dict:
+    pod["metadata"]["ownerReferences"] = [{"apiVersion": "lora-operator.dev/v1alpha1", "kind": "LoRATrainingJob",
+                                           "name": "job", "uid": uid, "controller": True}]
+    return pod
+
+
+@pytest.mark.parametrize("old_pod", [
+    make_pod(1, phase="Succeeded", exit_code=0),
+    make_pod(1, phase="Failed", exit_code=78, message=TM_78),
+    make_pod(1, phase="Running"),
+], ids=["succeeded", "permanent", "running"])
+def test_pod_of_a_deleted_namesake_job_is_not_ours(old_pod: dict) -> None:
+    pods = [owned_by(old_pod, "uid-of-deleted-job")]
+    d = decide(make_job(), pods)  # the new job has uid-1 and no status yet
+    assert d.actions == [] and d.status["attempt"] == 0 and d.status["phase"] == "Pending"
+    assert (d.status["preemptions"], d.status["failures"]) == (0, 0)
+    assert "garbage-collected" in d.status["message"] and d.requeue_after is not None and d.requeue_after <= 2
+    assert cond(d, "Stalled")["status"] == "False"
+    gone = decide(make_job(status=d.status), [])
+    assert created(gone) == ["job-a1"]
+
+
+def test_own_pod_by_uid_is_adopted() -> None:
+    pods = [owned_by(make_pod(1, phase="Pending"), "uid-1")]
+    d = decide(make_job(status={"attempt": 0}), pods)
+    assert created(d) == [] and d.status["attempt"] == 1
 
 
 def test_never_two_live_pods() -> None:

@@ -108,7 +108,7 @@ class Engine:
 
         obj = self._admit_kind(model, None, obj)
         key = self.key(model, namespace, name)
-        if self.store.get(key) is not None:
+        if key in self.store:
             raise errors.already_exists(model.group, model.plural, name)
         meta = obj["metadata"]
         meta["uid"] = str(uuid.uuid4())
@@ -342,21 +342,18 @@ class Engine:
                 updated["metadata"]["resourceVersion"] = self.store.next_rv()
                 self.store.write(key, updated, "MODIFIED")
 
-    def _model_of(self, key: Key) -> Model | None:
-        for model in self.registry:
-            if model.storage_key == key[:2]:
-                return model
-        return None
-
     def collect_garbage(self) -> int:
         """One level-based sweep; returns how many objects it acted on (run until 0)."""
         acted = 0
         live = {obj["metadata"]["uid"]: obj for _, obj in self.store.items()}
+        models: dict[tuple[str, str], Model] = {}
+        for model in self.registry:  # the first model served for a storage key, as before
+            models.setdefault(model.storage_key, model)
         for key, obj in list(self.store.items()):
-            if self.store.get(key) is None:
+            if key not in self.store:  # removed earlier in this sweep (no deep copy: it runs per write)
                 continue
             meta = obj["metadata"]
-            model = self._model_of(key)
+            model = models.get(key[:2])
             if model is None:
                 continue
             refs = meta.get("ownerReferences") or []
@@ -380,7 +377,7 @@ class Engine:
         return acted
 
     def _namespace_uid(self, namespace: str) -> str | None:
-        ns = self.store.get(("", "namespaces", "", namespace))
+        ns = self.store.peek(("", "namespaces", "", namespace))
         return ns["metadata"]["uid"] if ns else None
 
     def _has_dependents(self, uid: str) -> bool:

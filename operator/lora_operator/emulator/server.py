@@ -33,6 +33,7 @@ from lora_operator.emulator.selectors import (
     supported_fields,
 )
 from lora_operator.emulator.store import Store, WatchEvent
+from lora_operator.emulator.tables import to_table, wants_table
 
 __all__ = ["FaithfulEmulator", "parse_api_path"]
 
@@ -82,6 +83,11 @@ class FaithfulEmulator(KubernetesScaffold):
 
     history: int = 50_000  # watch events kept for resourceVersion replays
     bookmark_interval: float = 5.0  # seconds between BOOKMARKs on quiet watches that allow them
+    # kmock logs every request for its assertion DSL, and matching a request to a reaction walks
+    # that whole log: each request cost O(requests so far), and 500 jobs took minutes. Without
+    # the log, `_requests` holds only the requests being answered (what matching needs); keep
+    # it (request_log=True) to assert on past requests or to use count-based slices.
+    request_log: bool = False
     namespaces: tuple[str, ...] = DEFAULT_NAMESPACES
 
     store: Store = attrs.field(init=False)
@@ -89,6 +95,7 @@ class FaithfulEmulator(KubernetesScaffold):
     engine: Engine = attrs.field(init=False)
     _closing: bool = attrs.field(default=False, init=False)
     _gc_scheduled: bool = attrs.field(default=False, init=False)
+    _request_count: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -111,6 +118,7 @@ class FaithfulEmulator(KubernetesScaffold):
         raw_response: aiohttp.web.StreamResponse | None = None
         try:
             request = await self._parse(raw_request)
+            self._request_count += 1
             self._requests.append(request)
             try:
                 return await self._handle(request)
@@ -119,12 +127,22 @@ class FaithfulEmulator(KubernetesScaffold):
                 if exc.__cause__ is None:
                     raise
                 raise exc.__cause__ from None  # kmock's wrapper only says "the stream had started"
+            finally:
+                if not self.request_log:
+                    self._forget(request)
         except Exception as exc:
             if raw_response is None or not raw_response.prepared:
                 return await self._render_error(exc)
             await self._stream_error(exc, raw_response)
             await raw_response.write_eof()
             return raw_response
+
+    def _forget(self, request: Request) -> None:
+        # By identity: kmock's Request.__eq__ compares loosely (to strings, dicts, ...).
+        for index, seen in enumerate(self._requests):
+            if seen is request:
+                del self._requests[index]
+                return
 
     async def _parse(self, raw_request: aiohttp.web.BaseRequest) -> Request:
         body = await raw_request.read()
@@ -138,7 +156,7 @@ class FaithfulEmulator(KubernetesScaffold):
         ref = None if k8s.group is None else resource(group=k8s.group, version=k8s.version, plural=k8s.plural)
         query = dict(raw_request.query)
         return Request(
-            id=len(self._requests), raw_request=raw_request, url=raw_request.url.with_path(path),
+            id=self._request_count, raw_request=raw_request, url=raw_request.url.with_path(path),
             method=raw_request.method,
             params=query, headers=dict(raw_request.headers), cookies=dict(raw_request.cookies),
             data=data, body=body, text=body.decode("utf-8", "replace"),
@@ -184,6 +202,27 @@ class FaithfulEmulator(KubernetesScaffold):
             if not self.engine.collect_garbage():
                 break
 
+    async def _serve_api(self, request: Request) -> Any:
+        """/api as kube-apiserver writes it (typed clients require serverAddressByClientCIDRs)."""
+        return {"kind": "APIVersions", "apiVersion": "v1", "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": request.url.host
+                                                + (f":{request.url.port}" if request.url.port else "")}]}
+
+    async def _serve_version(self, request: Request) -> Any:
+        """An APIResourceList as kube-apiserver writes it (kubectl maps kinds through it):
+        the core group is `v1`, not `/v1`, and subresources carry no short names or categories
+        (else `kubectl get ltj` warns that `ltj` also matches `loratrainingjobs/status`)."""
+        doc = await super()._serve_version(request)
+        ref = request.resource
+        if isinstance(doc, dict) and ref is not None and not ref.group:
+            doc["groupVersion"] = ref.version
+        for entry in (doc or {}).get("resources") or []:
+            if "/" in entry.get("name", ""):
+                entry.pop("shortNames", None)
+                entry.pop("categories", None)
+                entry["singularName"] = ""
+        return doc
+
     # ---- the object API -------------------------------------------------------------------------
 
     def _model(self, request: Request) -> Model:
@@ -205,6 +244,15 @@ class FaithfulEmulator(KubernetesScaffold):
         method, ns, name, sub = request.method.value, request.namespace, request.name, request.subresource
         if method == "GET" and request.params.get("watch") in ("true", "1"):
             return 200, self._watch(model, request)
+        content_type = request.headers.get("Content-Type", "")
+        if method in ("POST", "PUT") and content_type.startswith("application/vnd.kubernetes.protobuf"):
+            # As a server without protobuf would answer: clients such as kubectl retry in JSON.
+            raise errors.unsupported_media_type(content_type)
+        table = method == "GET" and sub is None and wants_table(request.headers.get("Accept"))
+        if table:
+            objects = self._list(model, request)["items"] if name is None else [self.engine.read(model, ns, name)]
+            return 200, to_table(model.group, model.plural, objects, str(self.store.resource_version),
+                                 self._printer_columns(model))
         if name is None:
             if method == "GET":
                 return 200, self._list(model, request)
@@ -225,6 +273,16 @@ class FaithfulEmulator(KubernetesScaffold):
         if method == "DELETE" and sub is None:
             return 200, self.engine.delete(model, ns, name, _delete_options(request))
         raise errors.method_not_allowed()
+
+    def _printer_columns(self, model: Model) -> list[dict[str, Any]] | None:
+        """A custom resource's additionalPrinterColumns (Age alone when it has none); None otherwise."""
+        if model.crd_name is None:
+            return None
+        crd = self.store.peek(("apiextensions.k8s.io", "customresourcedefinitions", "", model.crd_name)) or {}
+        for version in (crd.get("spec") or {}).get("versions") or []:
+            if version.get("name") == model.version and version.get("additionalPrinterColumns"):
+                return list(version["additionalPrinterColumns"])
+        return [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
 
     def _matcher(self, model: Model, request: Request) -> Any:
         try:

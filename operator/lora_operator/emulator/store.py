@@ -60,6 +60,13 @@ class Store:
         obj = self._objects.get(key)
         return copy.deepcopy(obj) if obj is not None else None
 
+    def __contains__(self, key: Key) -> bool:
+        return key in self._objects
+
+    def peek(self, key: Key) -> dict[str, Any] | None:
+        """The stored object itself, not a copy: read it, never modify it (hot paths like the GC)."""
+        return self._objects.get(key)
+
     def items(self, group: str | None = None, plural: str | None = None,
               namespace: str | None = None) -> Iterator[tuple[Key, dict[str, Any]]]:
         """Stored (key, object) pairs, filtered by any of group/plural/namespace (read-only views)."""
