@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import boto3
+
     from lora_operator.devcluster.s3 import TEST_CREDENTIALS, start_s3_server
     from lora_trainer.tiny import build_tiny_dataset, build_tiny_sd
 

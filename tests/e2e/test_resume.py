@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from lora_operator.devcluster.s3 import TEST_CREDENTIALS
 from lora_trainer import contract
 from lora_trainer.checkpoint import claim_attempt
@@ -27,7 +28,6 @@ from lora_trainer.config import S3Config, parse_config
 from lora_trainer.errors import EXIT_CANTCREAT, EXIT_DATAERR, EXIT_PREEMPTED, EXIT_STORAGE, ResumeRefused
 from lora_trainer.storage import open_store
 from lora_trainer.train import Trainer
-
 from tests.e2e.chaos import (
     Reference,
     chaos_config,

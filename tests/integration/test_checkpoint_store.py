@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from lora_trainer import checkpoint
 from lora_trainer.checkpoint import Manifest, claim_attempt, commit, find_resumable, newest_attempt
 from lora_trainer.contract import LATEST_FILE, LatestPointer, intermediate_weights_name
 from lora_trainer.errors import ResumeRefused, StaleAttempt, StorageUnavailable
 from lora_trainer.storage import ObjectInfo, Store, open_store
 from lora_trainer.uploader import BackgroundUploader
-
 from tests.support.s3 import S3Env
 
 FIELDS = {"lora_rank": 8, "learning_rate": 1e-4, "seed": 42}

@@ -13,6 +13,7 @@ import csv
 from pathlib import Path
 
 import pytest
+
 from lora_trainer import tiny
 from lora_trainer.errors import EXIT_NOINPUT
 from lora_trainer.label import LabelError, LabelReport, ModelNotFound, NoImages, label_dataset

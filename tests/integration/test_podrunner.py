@@ -29,8 +29,8 @@ import kubernetes
 import pytest
 from kubernetes.client.rest import ApiException
 from kubernetes.watch.watch import iter_resp_lines
-from lora_operator.devcluster.podrunner import RECLAIM_ANNOTATION, PodRunner
 
+from lora_operator.devcluster.podrunner import RECLAIM_ANNOTATION, PodRunner
 from tests.support.kube import KubeTarget, eventually
 
 NODE = "dev-node"

@@ -19,13 +19,13 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from lora_operator.devcluster.s3 import free_port
 from lora_trainer.config import S3Config
 from lora_trainer.errors import InputMissing, StaleAttempt, StorageUnavailable
 from lora_trainer.fetch import fetch_tree
 from lora_trainer.storage import LocalStore, NotFound, S3Store, StorageRejected, Store, open_store
 from lora_trainer.uploader import BackgroundUploader
-
 from tests.support.s3 import S3Env
 
 

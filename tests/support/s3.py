@@ -16,9 +16,9 @@ from typing import Any
 
 import boto3
 import pytest
+
 from lora_operator.devcluster.s3 import TEST_CREDENTIALS, start_s3_server
 from lora_trainer.config import S3Config
-
 from tests.support.faults import FaultyProxy
 
 _bucket_numbers = itertools.count(1)

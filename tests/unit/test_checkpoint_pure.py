@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
+from pydantic import ValidationError
+
 from lora_trainer.checkpoint import (
     FileDigest,
     Manifest,
@@ -28,7 +30,6 @@ from lora_trainer.checkpoint import (
 )
 from lora_trainer.errors import ConfigError, StorageUnavailable
 from lora_trainer.storage import NotFound, ObjectInfo, StorageRejected, parse_uri, translate_error
-from pydantic import ValidationError
 
 SHA = "0" * 64
 

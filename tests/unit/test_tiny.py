@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_trainer import tiny
 from PIL import Image
+
+from lora_trainer import tiny
 
 
 @pytest.fixture(scope="module")
