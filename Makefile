@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install test demo lint chaos bench crd clean
+.PHONY: install test demo demo-trainer lint chaos bench crd clean
 
 install: $(STAMP)
 
@@ -19,6 +19,9 @@ test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 demo: install
+	HF_HUB_OFFLINE=1 $(PY) -m lora_operator.demo
+
+demo-trainer: install
 	HF_HUB_OFFLINE=1 $(PY) -m lora_trainer.demo
 
 lint: install

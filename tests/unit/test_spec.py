@@ -97,3 +97,15 @@ def test_missing_required_block() -> None:
 def test_not_a_mapping() -> None:
     with pytest.raises(SpecError, match="expected an object"):
         parse_spec(["nope"])
+
+
+def test_every_local_path_of_a_pod_lies_in_its_scratch_volume() -> None:
+    """The pod's root filesystem is read-only: inputs, cache and work must sit under /scratch."""
+    from pathlib import PurePosixPath
+
+    from lora_operator.spec import SCRATCH_DIR
+    from lora_trainer.train import cache_root, scratch_root
+
+    config = to_train_config(parse_spec(DESIGN_SPEC))
+    for path in (cache_root(config) / "inputs", scratch_root(config)):
+        assert PurePosixPath(path).is_relative_to(SCRATCH_DIR), path

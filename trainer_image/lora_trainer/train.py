@@ -49,12 +49,16 @@ class RunResult:
     output: str = ""
 
 
+def cache_root(config: TrainConfig) -> Path:
+    """The local cache: cache_dir, else $LORA_CACHE_DIR (the operator's scratch volume), else ~/.cache."""
+    return Path(config.cache_dir or os.environ.get(contract.ENV_CACHE_DIR) or Path.home() / ".cache/lora-trainer")
+
+
 def scratch_root(config: TrainConfig) -> Path:
     """Local scratch for this output: work_dir, or a folder under the cache."""
     if config.work_dir:
         return Path(config.work_dir)
-    cache = Path(config.cache_dir or os.environ.get(contract.ENV_CACHE_DIR) or Path.home() / ".cache/lora-trainer")
-    return cache / "work" / config_hash(config)[:16]
+    return cache_root(config) / "work" / config_hash(config)[:16]
 
 
 def resolve_attempt(store: Store) -> int:
@@ -90,7 +94,9 @@ class Trainer:
             raise InputMissing(f"{field_name}: {exc.message}") from None
 
     def _prepare(self) -> tuple[Components, list, BatchStream, int]:
-        cache = self.scratch.parent.parent / "inputs"
+        # Inputs live in the cache, not under work_dir: a pod's root filesystem is read-only and
+        # only the cache (an emptyDir) is writable; a second attempt on the node reuses them.
+        cache = cache_root(self.config) / "inputs"
         model_dir = self._fetch("base_model", self.config.base_model, cache)
         data_dir = self._fetch("train_data_dir", self.config.train_data_dir, cache)
         report = check_dataset(data_dir, self.config.resolution, self.config.metadata_path, self.config.caption_extension)

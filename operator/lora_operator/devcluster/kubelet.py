@@ -9,11 +9,14 @@ a missing object or key raises `ConfigError` with the kubelet's message (→ Cre
 Mount rule: each volumeMount of the container maps to a local folder (`local_mounts`); an env value,
 argument or workingDir that equals a mountPath or starts with `mountPath/` is rewritten to the
 local folder (the longest mountPath wins), so `HOME=/scratch` becomes `<pod dir>/volumes/scratch`.
+An env value that is a JSON object or array (a config passed in the environment, like the
+trainer's LORA_TRAIN_CONFIG) gets the same rewrite on each of its string values.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -141,6 +144,25 @@ class Mounts:
                 return str(local) + value[len(mount_path):]
         return value
 
+    def rewrite_env(self, value: str) -> str:
+        """`rewrite`, and inside a JSON object or array every string value (paths in a config)."""
+        if value.lstrip()[:1] not in ("{", "["):
+            return self.rewrite(value)
+        try:
+            data = json.loads(value)
+        except ValueError:
+            return self.rewrite(value)
+        return json.dumps(self._walk(data))
+
+    def _walk(self, node: Any) -> Any:
+        if isinstance(node, str):
+            return self.rewrite(node)
+        if isinstance(node, list):
+            return [self._walk(item) for item in node]
+        if isinstance(node, dict):
+            return {key: self._walk(item) for key, item in node.items()}
+        return node
+
 
 def volume_folder(volume: Mapping[str, Any], namespace: str, pod_dir: Path, shared_dir: Path) -> Path:
     """Where a pod volume lives locally: hostPath is itself, a PVC is shared per claim, the rest per pod."""
@@ -177,7 +199,7 @@ def prepare_container(pod: Mapping[str, Any], pod_dir: Path, shared_dir: Path, l
     if not container.get("command"):
         raise ConfigError("the dev pod runner needs an explicit command (it cannot read image entrypoints)")
     mounts = local_mounts(pod, container, pod_dir, shared_dir)
-    env = {k: mounts.rewrite(v) for k, v in resolve_env(pod, container, lookup).items()}
+    env = {k: mounts.rewrite_env(v) for k, v in resolve_env(pod, container, lookup).items()}
     for volume in pod["spec"].get("volumes") or []:  # Secret / ConfigMap volumes become files
         if not (volume.get("secret") or volume.get("configMap")):
             continue
