@@ -3,6 +3,8 @@
 - local and S3 stores round-trip bytes and files, list by prefix, delete, report NotFound
 - local writes are atomic (no temporary files left behind)
 - a file over the multipart threshold uploads in parts and comes back identical
+- put_files sends big and small files side by side and every one comes back identical; listed
+  objects carry size and ETag (timestamps are not parsed)
 - an S3 store rooted at a prefix never sees a sibling prefix (model vs model-v2)
 - fetch_tree (lora_trainer.fetch) returns local paths as they are, downloads s3:// once, reuses the cache, and
   re-fetches only what changed (and drops what was deleted) when the source changes
@@ -78,6 +80,25 @@ def test_multipart_upload_round_trips(s3_env: S3Env, tmp_path: Path) -> None:
     assert etag.strip('"').endswith("-2")  # two parts: it really went multipart
     store.get_file("big.bin", tmp_path / "back.bin")
     assert (tmp_path / "back.bin").read_bytes() == data
+
+
+def test_put_files_mixes_multipart_and_small_files(s3_env: S3Env, tmp_path: Path) -> None:
+    store = open_store(s3_env.uri("many"), s3_env.s3)
+    sizes = {"a.bin": 9 * 1024 * 1024 + 7, "b.bin": 8 * 1024 * 1024, "c.json": 300, "d/e.json": 0}
+    items = []
+    for name, size in sizes.items():
+        path = tmp_path / "src" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(size))
+        items.append((path, f"x/{name}"))
+    store.put_files(items)
+    listed = {info.key: info for info in store.list_info("x/")}
+    assert {k: i.size for k, i in listed.items()} == {f"x/{n}": size for n, size in sizes.items()}
+    assert listed["x/a.bin"].etag.endswith("-2") and listed["x/b.bin"].etag.endswith("-1")  # multipart
+    assert "-" not in listed["x/c.json"].etag  # a single PUT
+    store.get_files([(key, tmp_path / "back" / key) for _, key in items])
+    for path, key in items:
+        assert (tmp_path / "back" / key).read_bytes() == path.read_bytes()
 
 
 def test_prefix_does_not_leak_into_sibling(s3_env: S3Env) -> None:

@@ -293,16 +293,19 @@ def commit(
     """Upload `local_dir` as checkpoint `step`: files, MANIFEST, latest.json, then prune. Idempotent."""
     started = time.monotonic()
     prefix = step_prefix(step)
-    # Checked before any upload too: a stale pod must not overwrite files of a folder a newer
-    # attempt already committed under the same step number.
-    check_not_stale(store, attempt, f"before uploading step {step}")
     names = _local_files(local_dir)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit") as pool:
-        upload = pool.submit(store.put_files, [(local_dir / name, f"{prefix}/{name}") for name in names])
+    # Hashing is local, so it starts at once and overlaps the fencing check and the upload.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit-hash") as pool:
+        hashing = pool.submit(write_manifest, local_dir, step, attempt, config_hash, training_fields)
         try:
-            manifest = write_manifest(local_dir, step, attempt, config_hash, training_fields)  # hashes meanwhile
-        finally:
-            upload.result()
+            # Checked before any upload too: a stale pod must not overwrite files of a folder a
+            # newer attempt already committed under the same step number.
+            check_not_stale(store, attempt, f"before uploading step {step}")
+            store.put_files([(local_dir / name, f"{prefix}/{name}") for name in names])
+        except BaseException:
+            hashing.cancel()  # if it already runs, leaving the pool waits for it; the error stands
+            raise
+        manifest = hashing.result()
     if sorted(manifest.files) != names:
         raise RuntimeError(f"{local_dir}: files changed while checkpoint step {step} was uploading")
     check_not_stale(store, attempt, f"before writing the MANIFEST of step {step}")
