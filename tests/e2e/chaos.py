@@ -96,6 +96,7 @@ class Reference:
     weights_sha256: str
     losses: dict[int, float]
     checkpoints: dict[int, dict[str, str]]
+    seconds: float  # wall time of the whole run, start-up included: scales the kill moments
 
 
 @dataclass
@@ -122,18 +123,26 @@ def read_result(store: Store) -> tuple[str, dict[int, float]]:
 
 def reference_run(config: dict, env: dict[str, str], workdir: Path, s3: S3Config) -> Reference:
     """Train uninterrupted and record what an exact run must reproduce."""
+    started = time.monotonic()
     code, _ = run_trainer(config, env, workdir)
+    seconds = time.monotonic() - started
     if code != 0:
         raise RuntimeError(f"reference run exited {code}; see {workdir / 'trainer.log'}")
     store = open_store(config["output_dir"], s3)
     weights, losses = read_result(store)
-    return Reference(weights, losses, {s: digests(m) for s, m in manifests(store).items()})
+    return Reference(weights, losses, {s: digests(m) for s, m in manifests(store).items()}, seconds)
 
 
 def chaos_run(config: dict, env: dict[str, str], workdir: Path, s3: S3Config, ref: Reference,
-              kills: int, rng: random.Random, max_kill_after: float = 9.0) -> Tally:
-    """Kill the trainer `kills` times at random moments, let it finish, and judge every resume."""
+              kills: int, rng: random.Random) -> Tally:
+    """Kill the trainer `kills` times at random moments, let it finish, and judge every resume.
+
+    Kill moments are drawn from the first 80% of the reference run's wall time, so on a fast or a
+    slow machine alike the first attempt is always killed somewhere between start-up and the end;
+    a later draw may fall after a resumed (shorter) attempt has finished, and then is no kill.
+    """
     tally = Tally()
+    max_kill_after = 0.8 * ref.seconds
     store = open_store(config["output_dir"], s3)
     run = 0
     while True:

@@ -87,8 +87,10 @@ def wait_for(predicate, timeout: float = 60.0, every: float = 0.05) -> None:
 def test_random_kills_resume_exactly(s3_env: S3Env, inputs, reference: Reference, tmp_path: Path) -> None:
     config = chaos_config(*inputs, s3_env.uri("chaos"), s3_env.s3, tmp_path / "cache")
     tally = chaos_run(config, child_env(s3_env), tmp_path, s3_env.s3, reference, kills=3, rng=random.Random(7))
-    # A kill lands at a random moment; one drawn after the run has already finished cannot happen.
-    assert tally.kills >= 2 and tally.resumes >= 1
+    # The first attempt is always killed (chaos_run draws moments within the reference's duration);
+    # a later draw can fall after a shorter resumed attempt has finished. The last attempt always
+    # commits (the final step is checkpointed), so at least one resumed attempt is judged.
+    assert tally.kills >= 1 and tally.resumes >= 1
     assert tally.problems == []
     assert tally.final_exact and tally.losses_exact
     assert tally.exact_resumes == tally.resumes
