@@ -40,6 +40,7 @@ from typing import Any
 
 import boto3
 import botocore
+from procstat import process_cpu
 
 from lora_trainer import checkpoint
 from lora_trainer.config import S3Config
@@ -68,14 +69,6 @@ def start_server() -> tuple[subprocess.Popen[str], str]:
     assert proc.stdout is not None
     return proc, proc.stdout.readline().strip()
 
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far; 0 where /proc is missing."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_files(root: Path) -> Path:

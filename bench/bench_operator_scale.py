@@ -32,6 +32,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from procstat import process_cpu  # noqa: E402
+
 from lora_operator.crd import build_crd  # noqa: E402
 from lora_operator.emulator import serve_emulator  # noqa: E402
 from lora_operator.spec import GROUP, PLURAL, VERSION  # noqa: E402
@@ -54,12 +56,6 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -169,8 +165,8 @@ def main() -> int:
             t_all_status = time.monotonic() - t0
             time.sleep(2)  # a few more ticks at rest: no second pod may appear
             rss = peak_rss_mib(operator.pid)
-            cpu = {"operator": cpu_seconds(operator.pid), "emulator": cpu_seconds(emulator.pid),
-                   "bench_client": cpu_seconds(os.getpid())}
+            cpu = {"operator": process_cpu(operator.pid), "emulator": process_cpu(emulator.pid),
+                   "bench_client": process_cpu(os.getpid())}
             pods_total = len(json.loads(core.list_namespaced_pod(NAMESPACE, _preload_content=False).data)["items"])
             watch.stop()
         finally:

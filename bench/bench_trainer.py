@@ -55,6 +55,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from PIL import Image  # noqa: E402
+from procstat import process_cpu  # noqa: E402
 
 import lora_trainer.state  # noqa: E402
 import lora_trainer.storage  # noqa: E402
@@ -146,14 +147,6 @@ def call_starts(module: object, name: str, starts: list[float]):
     finally:
         setattr(module, name, original)
 
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) process `pid` has used so far; 0 where /proc is missing."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
