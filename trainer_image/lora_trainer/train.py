@@ -30,6 +30,7 @@ from lora_trainer.progress import ProgressReporter
 from lora_trainer.signals import StopFlag
 from lora_trainer.steps import make_lr_scheduler, make_optimizer, total_steps, train_step
 from lora_trainer.storage import Store, fetch_tree, open_store
+from lora_trainer.storeproc import StoreProcess, commit_checkpoint, open_upload_store
 from lora_trainer.tblog import RunLogs
 from lora_trainer.uploader import BackgroundUploader, retry_storage
 
@@ -112,6 +113,16 @@ class Trainer:
 
     def run(self) -> RunResult:
         """Train to the end (or until stopped) and return what was done."""
+        # Background uploads go through their own store (for S3, a child process: see storeproc);
+        # started first so its start-up overlaps loading the model.
+        uploads = open_upload_store(self.config.output_dir, self.config.s3)
+        try:
+            return self._run(uploads)
+        finally:
+            if isinstance(uploads, StoreProcess):
+                uploads.close()
+
+    def _run(self, uploads: Store) -> RunResult:
         c = self.config
         if self.scratch.exists():
             shutil.rmtree(self.scratch)  # stale scratch from a killed attempt is never trusted
@@ -139,10 +150,10 @@ class Trainer:
         else:
             log.info("attempt %d: starting at step 0 of %d", attempt, steps)
 
-        logs = RunLogs(self.scratch / contract.LOGS_DIR, self.store, resume_step=step)
+        logs = RunLogs(self.scratch / contract.LOGS_DIR, uploads, resume_step=step)
         uploader = BackgroundUploader(retry_deadline=c.storage_retry_seconds)
         backup = dump_config(c).encode()
-        uploader.submit("config backup", lambda: self.store.put_bytes(contract.CONFIG_BACKUP, backup))
+        uploader.submit("config backup", lambda: uploads.put_bytes(contract.CONFIG_BACKUP, backup))
         reporter = ProgressReporter(total=steps, start=step, every=c.log_every)
         result = RunResult(step=step, total_steps=steps, resumed_from=resumed_from, output=c.output_dir)
         last_committed = resumed_from
@@ -162,8 +173,8 @@ class Trainer:
             logs.flush()
 
             def commit() -> None:
-                self.store.put_file(contract.intermediate_weights_name(at), lora_file)
-                checkpoint.commit(self.store, folder, at, attempt, self.hash, self.fields, c.keep_last)
+                uploads.put_file(contract.intermediate_weights_name(at), lora_file)
+                commit_checkpoint(uploads, folder, at, attempt, self.hash, self.fields, c.keep_last)
                 shutil.rmtree(folder, ignore_errors=True)
 
             uploader.submit(f"checkpoint step {at}", commit)
@@ -177,7 +188,7 @@ class Trainer:
                 state=state_name, latest_checkpoint_step=last_committed,
             )
             data = p.model_dump_json().encode()
-            uploader.submit("progress", lambda: self.store.put_bytes(contract.PROGRESS_FILE, data), coalesce_key="progress")
+            uploader.submit("progress", lambda: uploads.put_bytes(contract.PROGRESS_FILE, data), coalesce_key="progress")
 
         try:
             while step < steps:
@@ -197,7 +208,7 @@ class Trainer:
                     last_progress = time.monotonic()
             if self.stop.requested and step < steps:
                 self._preempt(step, last_committed, snapshot, progress, uploader, reporter)
-            self._finish(parts, te, logs, uploader, progress, reporter)
+            self._finish(parts, te, logs, uploader, uploads, progress, reporter)
         finally:
             reporter.close()
             logs.close()
@@ -230,7 +241,7 @@ class Trainer:
             step=step,
         )
 
-    def _finish(self, parts, te, logs, uploader, progress, reporter) -> None:
+    def _finish(self, parts, te, logs, uploader, uploads, progress, reporter) -> None:
         """Export the final LoRA in both formats, upload everything and wait until durable."""
         final_dir = self.scratch / "final"
         final_dir.mkdir(parents=True, exist_ok=True)
@@ -238,7 +249,7 @@ class Trainer:
         kohya_file = save_kohya_lora(final_dir / contract.FINAL_WEIGHTS_KOHYA, parts.unet, te, self.config.alpha)
         logs.flush()
         finals = [(diffusers_file, contract.FINAL_WEIGHTS), (kohya_file, contract.FINAL_WEIGHTS_KOHYA)]
-        uploader.submit_files(self.store, finals, label="final weights")
+        uploader.submit_files(uploads, finals, label="final weights")
         uploader.submit("logs", logs.upload, coalesce_key="logs")
         progress("finished")
         uploader.wait(timeout=None)
