@@ -208,6 +208,8 @@ def test_lifecycle_preemption_oom_success_and_progress(kube_api: KubeTarget, clu
 
         c.finish("tiny-a1", 143, disruption="PreemptionByScheduler")
         eventually(lambda: _assert(c.pods("tiny") == ["tiny-a1", "tiny-a2"]), 10)
+        # The pod is created before the status that records it is written: wait for both.
+        eventually(lambda: _assert(c.status("tiny").get("attempt") == 2), 10)
         st = c.status("tiny")
         assert (st["preemptions"], st["failures"], st["attempt"]) == (1, 0, 2)
         assert st["lastAttempt"]["reason"] == "PreemptionByScheduler"
@@ -256,6 +258,7 @@ def test_oom_past_backoff_limit_fails(kube_api: KubeTarget, cluster: Cluster) ->
         c.run("hungry-a1")
         c.finish("hungry-a1", 137, reason="OOMKilled")
         eventually(lambda: _assert(c.pods("hungry") == ["hungry-a1", "hungry-a2"]), 10)
+        eventually(lambda: _assert(c.status("hungry").get("attempt") == 2), 10)
         assert (c.status("hungry")["failures"], c.status("hungry")["phase"]) == (1, "Recovering")
         c.run("hungry-a2")
         c.finish("hungry-a2", 137, reason="OOMKilled")
@@ -286,6 +289,7 @@ def test_pod_stuck_terminating_on_lost_node_is_force_deleted(kube_api: KubeTarge
             c.core.delete_namespaced_pod("slow-stop-a1", c.ns, grace_period_seconds=1)
             assert c.pod("stranded-a1").metadata.deletion_timestamp is not None
             eventually(lambda: _assert(c.pods("stranded") == ["stranded-a2"]), 15)
+            eventually(lambda: _assert(c.status("stranded").get("attempt") == 2), 10)
             st = c.status("stranded")
             assert (st["attempt"], st["preemptions"], st["failures"]) == (2, 1, 0)
             assert st["lastAttempt"]["reason"] == "NodeLost" and lost in st["lastAttempt"]["message"]
