@@ -107,3 +107,12 @@ def test_child_ignores_sigterm_and_dies_with_its_parent(remote: StoreProcess, s3
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(child)
+
+
+def test_close_stops_the_child_for_good(s3_env: S3Env) -> None:
+    store = StoreProcess(s3_env.uri("closed"), s3_env.s3)
+    store.put_bytes("k", b"v")
+    store.close()
+    with pytest.raises(RuntimeError, match="closed"):  # not StorageUnavailable: no retries
+        store.put_bytes("k", b"w")
+

@@ -51,6 +51,7 @@ class StoreProcess(Store):
         self.uri = f"s3://{loc.bucket}/{loc.prefix}".rstrip("/")  # as S3Store reports it
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._closed = False  # after close(), a leftover upload thread must not start a new child
         self._start()
 
     def _start(self) -> None:
@@ -68,6 +69,8 @@ class StoreProcess(Store):
 
     def _call(self, name: str, *args: Any) -> Any:
         with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self.url()}: the upload store is closed")
             try:
                 if self._proc is None or self._proc.poll() is not None:
                     self._start()
@@ -91,8 +94,16 @@ class StoreProcess(Store):
             self._proc = None
 
     def close(self) -> None:
-        """Stop the child: closing its stdin ends it after the call in flight, if any."""
-        with self._lock:
+        """Stop the child: at once if a call is still in flight (the trainer is exiting, as a
+        thread's upload would stop with the process), else by closing its stdin."""
+        self._closed = True
+        if not self._lock.acquire(blocking=False):
+            proc = self._proc
+            if proc is not None:
+                with contextlib.suppress(OSError):
+                    proc.kill()
+            return
+        try:
             if self._proc is not None and self._proc.stdin is not None:
                 with contextlib.suppress(OSError):
                     self._proc.stdin.close()
@@ -101,6 +112,8 @@ class StoreProcess(Store):
                 except subprocess.TimeoutExpired:
                     self._kill()
                 self._proc = None
+        finally:
+            self._lock.release()
 
     def put_file(self, key: str, path: Path) -> None:
         self._call("put_file", key, path)
