@@ -173,12 +173,14 @@ class Trainer:
             logs.flush()
 
             def commit() -> None:
+                # Logs first: a committed checkpoint must find its steps' losses in the stored logs,
+                # since an attempt resuming from it never re-runs (or re-logs) those steps.
+                logs.upload()
                 uploads.put_file(contract.intermediate_weights_name(at), lora_file)
                 commit_checkpoint(uploads, folder, at, attempt, self.hash, self.fields, c.keep_last)
                 shutil.rmtree(folder, ignore_errors=True)
 
             uploader.submit(f"checkpoint step {at}", commit)
-            uploader.submit("logs", logs.upload, coalesce_key="logs")
             last_committed = at
 
         def progress(state_name: str) -> None:
