@@ -15,12 +15,16 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from lora_operator.status import clean_reason
 from lora_trainer.errors import EXIT_OK, EXIT_PREEMPTED
 
 ATTEMPT_LABEL = "lora-operator.dev/attempt"
 JOB_LABEL = "lora-operator.dev/job"
 TRAINER_CONTAINER = "trainer"
 MAX_MESSAGE = 600
+# The contract's exit 77 (EX_NOPERM): the store refused the trainer permanently (no such bucket,
+# bad credentials). Like every 64-78 code but 75 it is not retried; it gets a reason of its own.
+EXIT_STORAGE_REJECTED = 77
 
 
 class Reason:
@@ -69,6 +73,21 @@ class Reason:
     COMPLETED = "Completed"
     FAILED = "Failed"
     STALE_POD = "StalePod"
+    STORAGE_REJECTED = "StorageRejected"  # exit 77
+    # The API server refused the job's status (422): a short one was written instead.
+    STATUS_REJECTED = "StatusRejected"
+    STATUS_ACCEPTED = "StatusAccepted"
+
+
+# Reasons and messages of the permanent exit codes that have one of their own (others: ExitCode<n>).
+PERMANENT_EXITS: dict[int, tuple[str, str]] = {
+    EXIT_STORAGE_REJECTED: (
+        Reason.STORAGE_REJECTED,
+        "the object store refused the trainer's requests (no such bucket, or credentials it does not accept); "
+        "check spec.output.uri, spec.baseModel.uri, spec.dataset.uri, spec.storage.endpoint and the keys in "
+        "spec.storage.credentialsSecret",
+    ),
+}
 
 
 class Result(StrEnum):
@@ -193,7 +212,7 @@ def termination_message(pod: Mapping[str, Any]) -> tuple[str, str | None, int | 
         step = data.get("step")
         return (
             _shorten(str(data.get("message") or "")),
-            str(data["reason"]),
+            clean_reason(data["reason"]),
             step if isinstance(step, int) else None,
             data.get("checkpoint") if isinstance(data.get("checkpoint"), str) else None,
         )
@@ -214,7 +233,7 @@ def classify_finished(pod: Mapping[str, Any]) -> Outcome | None:
     message, trainer_reason, step, checkpoint = termination_message(pod)
 
     def out(result: Result, reason: str, text: str) -> Outcome:
-        return Outcome(result, reason, _shorten(text), exit_code, step, checkpoint)
+        return Outcome(result, clean_reason(reason), _shorten(text), exit_code, step, checkpoint)
 
     if phase(pod) == "Succeeded" or exit_code == EXIT_OK:
         return out(Result.SUCCEEDED, Reason.SUCCEEDED, message or "training finished; final weights committed")
@@ -231,8 +250,9 @@ def classify_finished(pod: Mapping[str, Any]) -> Outcome | None:
         return out(Result.PREEMPTED, trainer_reason or Reason.PREEMPTED,
                    message or "the trainer stopped on SIGTERM after committing a checkpoint")
     if exit_code is not None and 64 <= exit_code <= 78:
-        return out(Result.PERMANENT, trainer_reason or f"ExitCode{exit_code}",
-                   message or f"the trainer exited {exit_code} (a configuration or input error)")
+        reason, text = PERMANENT_EXITS.get(
+            exit_code, (f"ExitCode{exit_code}", f"the trainer exited {exit_code} (a configuration or input error)"))
+        return out(Result.PERMANENT, trainer_reason or reason, message or text)
     if is_terminating(pod):
         return out(Result.PREEMPTED, Reason.POD_DELETED, f"the pod was deleted while running (exit {exit_code})")
     if exit_code is not None:

@@ -1,10 +1,15 @@
 """The trainer pod of one attempt (pure): `build_pod(job, attempt, settings) -> dict`.
 
 The name `<job>-a<attempt>` is deterministic, so creating it twice is a 409, never a second pod.
+The job's name is also a label value, so `check_job_name` holds it to MAX_JOB_NAME characters
+of a label value even where the CRD's CEL rule is not enforced (an older API server, a
+hand-made object in a test): the builder never makes a label value over 63 characters or a
+name over 253, it raises SpecError naming metadata.name instead.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,8 +19,10 @@ from lora_operator.spec import (
     API_VERSION,
     CACHE_DIR,
     KIND,
+    MAX_JOB_NAME,
     SCRATCH_DIR,
     JobSpec,
+    SpecError,
     parse_spec,
     to_train_config,
 )
@@ -23,11 +30,33 @@ from lora_trainer.contract import ENV_ATTEMPT, ENV_CACHE_DIR, ENV_CONFIG
 
 TRAINER_UID = 1000
 COMMAND = ["lora-train"]
+MAX_LABEL_VALUE = 63
+MAX_POD_NAME = 253
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 
 def pod_name(job_name: str, attempt: int) -> str:
     """Name of the pod of an attempt."""
     return f"{job_name}-a{attempt}"
+
+
+def check_job_name(name: str) -> None:
+    """Raise SpecError unless the job's name can be a label value and a pod name prefix."""
+    if not name or len(name) > MAX_JOB_NAME or not _LABEL_VALUE.match(name):
+        shown = name if len(name) <= 80 else name[:77] + "..."
+        raise SpecError("metadata.name", f"{shown!r} ({len(name)} characters) must be 1 to {MAX_JOB_NAME} "
+                        "characters of a label value (letters, digits, '-', '_', '.'), because pods are named "
+                        "<job>-a<attempt> and labelled with it; create the job under a shorter name")
+
+
+def check_pod_identity(name: str, labels: Mapping[str, str]) -> None:
+    """Raise SpecError if a pod name or a label value is over the API server's limits."""
+    if len(name) > MAX_POD_NAME:
+        raise SpecError("metadata.name", f"pod name {name[:60]!r}... is {len(name)} characters, over {MAX_POD_NAME}")
+    for key, value in labels.items():
+        if len(value) > MAX_LABEL_VALUE or not _LABEL_VALUE.match(value):
+            raise SpecError("metadata.name", f"label {key}={value[:60]!r} is not a label value of at most "
+                            f"{MAX_LABEL_VALUE} characters; create the job under a shorter name")
 
 
 def owner_reference(job: Mapping[str, Any]) -> dict[str, Any]:
@@ -104,6 +133,7 @@ def build_pod(job: Mapping[str, Any], attempt: int, settings: Settings, spec: Jo
     spec = spec or parse_spec(job.get("spec") or {})
     meta = job["metadata"]
     name = meta["name"]
+    check_job_name(name)
     res = spec.resources
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
@@ -155,18 +185,20 @@ def build_pod(job: Mapping[str, Any], attempt: int, settings: Settings, spec: Jo
         pod_spec["priorityClassName"] = res.priority_class_name
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name
+    labels = {
+        JOB_LABEL: name,
+        ATTEMPT_LABEL: str(attempt),
+        "app.kubernetes.io/name": "lora-trainer",
+        "app.kubernetes.io/managed-by": "lora-operator",
+    }
+    check_pod_identity(pod_name(name, attempt), labels)
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
             "name": pod_name(name, attempt),
             "namespace": meta.get("namespace", "default"),
-            "labels": {
-                JOB_LABEL: name,
-                ATTEMPT_LABEL: str(attempt),
-                "app.kubernetes.io/name": "lora-trainer",
-                "app.kubernetes.io/managed-by": "lora-operator",
-            },
+            "labels": labels,
             "ownerReferences": [owner_reference(job)],
         },
         "spec": pod_spec,

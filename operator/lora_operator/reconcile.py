@@ -33,7 +33,7 @@ from lora_operator.classify import (
     stuck_terminating,
     vanished,
 )
-from lora_operator.pods import build_pod, pod_name
+from lora_operator.pods import build_pod, check_job_name, pod_name
 from lora_operator.settings import Settings
 from lora_operator.spec import JobSpec, SpecError, parse_spec, to_train_config
 from lora_trainer.contract import LatestPointer, Progress
@@ -112,7 +112,7 @@ class _Run:
 
     # --- helpers ------------------------------------------------------------------------------
     def event(self, type_: str, reason: str, message: str) -> None:
-        self.d.events.append(Event(type_, reason, message))
+        self.d.events.append(Event(type_, st.clean_reason(reason), st.clean_message(message, st.MAX_REJECTED_MESSAGE)))
 
     def set_phase(self, phase_: str, reason: str, message: str) -> None:
         if self.s.get("phase") != phase_:
@@ -151,6 +151,7 @@ class _Run:
             self.clean_up()
             return self.finish()
         try:
+            check_job_name(self.name)
             spec = parse_spec(self.obs.job.get("spec") or {})
             to_train_config(spec)
         except SpecError as exc:
@@ -357,8 +358,12 @@ class _Run:
             self.condition(st.STALLED, False, reason, message)
         if ph == "Suspended" or st.get_condition(self.s.get("conditions") or [], st.SUSPENDED):
             self.condition(st.SUSPENDED, ph == "Suspended", reason, message)
+        if (st.get_condition(self.s.get("conditions") or [], st.STATUS_REJECTED) or {}).get("status") == "True":
+            # Written only if the API accepts this status; if not, the controller writes the short one.
+            self.condition(st.STATUS_REJECTED, False, Reason.STATUS_ACCEPTED, "the job's status fits its schema again")
         if self.generation is not None:
             self.s["observedGeneration"] = self.generation
+        self.d.status = st.bound_status(self.s)
         return self.d
 
 

@@ -157,6 +157,11 @@ class StorageSpec(_Spec):
     secret_access_key_key: str = Field(
         "AWS_SECRET_ACCESS_KEY", min_length=1, max_length=253, description="Key of the secret access key in the Secret."
     )
+    retry_seconds: int = Field(
+        300, ge=1, le=86_400,
+        description="How long the trainer retries a failing store (uploads, and each request's timeouts and retries) "
+                    "before the attempt fails with exit 3.",
+    )
 
 
 class Toleration(_Spec):
@@ -245,6 +250,7 @@ def parse_spec(data: Any) -> JobSpec:
             "spec.training.warmupSteps",
             f"{t.warmup_steps} exceeds maxTrainSteps ({t.max_train_steps}); lower warmupSteps",
         )
+    _check_output_apart(spec)
     ce = spec.checkpoint.every_steps
     if ce is not None and t.max_train_steps is not None and ce > t.max_train_steps:
         raise SpecError(
@@ -252,6 +258,46 @@ def parse_spec(data: Any) -> JobSpec:
             f"{ce} exceeds maxTrainSteps ({t.max_train_steps}); no intermediate checkpoint would ever be committed",
         )
     return spec
+
+
+def _uri_parts(uri: str) -> tuple[str, tuple[str, ...]]:
+    """(scheme://host, path segments) with empty, `.` and `..` segments resolved."""
+    scheme, sep, rest = uri.partition("://")
+    host, _, path = rest.partition("/") if sep else ("", "", uri)
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part == "..":
+            if parts:
+                parts.pop()
+        elif part not in ("", "."):
+            parts.append(part)
+    return f"{scheme.lower()}://{host}" if sep else "", tuple(parts)
+
+
+def overlap(a: str, b: str) -> str | None:
+    """How the folders `a` and `b` overlap ("equals", "is inside", "contains"), None if apart."""
+    (root_a, pa), (root_b, pb) = _uri_parts(a), _uri_parts(b)
+    if root_a != root_b:
+        return None
+    if pa == pb:
+        return "equals"
+    if pa[: len(pb)] == pb:
+        return "is inside"
+    if pb[: len(pa)] == pa:
+        return "contains"
+    return None
+
+
+def _check_output_apart(spec: JobSpec) -> None:
+    # Writing into an input would change what a resumed attempt trains on, or delete it.
+    for field, uri in (("spec.baseModel.uri", spec.base_model.uri), ("spec.dataset.uri", spec.dataset.uri)):
+        how = overlap(spec.output.uri, uri)
+        if how:
+            raise SpecError(
+                "spec.output.uri",
+                f"{spec.output.uri!r} {how} {field} ({uri!r}); the output must be a folder of its own, "
+                f"apart from the inputs, e.g. s3://bucket/loras/<job>/",
+            )
 
 
 # TrainConfig field -> CRD path, to name fields in the user's words when the trainer's model objects.
@@ -289,6 +335,7 @@ CONFIG_PATHS: dict[str, str] = {
     "keep_last": "spec.checkpoint.keepLast",
     "s3": "spec.storage",
     "preemption_grace_seconds": "spec.spot.terminationGracePeriodSeconds",
+    "storage_retry_seconds": "spec.storage.retrySeconds",
 }
 
 
@@ -332,6 +379,7 @@ def to_train_config(spec: JobSpec) -> TrainConfig:
         "cache_dir": CACHE_DIR,
         "work_dir": WORK_DIR,
         "preemption_grace_seconds": float(spec.spot.termination_grace_period_seconds - GRACE_MARGIN_SECONDS),
+        "storage_retry_seconds": float(spec.storage.retry_seconds),
     }
     try:
         return TrainConfig.model_validate(data)

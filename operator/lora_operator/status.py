@@ -2,11 +2,22 @@
 
 Conditions follow Kubernetes conventions so Argo CD, Flux and `kubectl wait` read them:
 `Ready` (True once the LoRA is committed), `Reconciling` (work in progress), `Stalled` (needs a
-human), plus `Preempted`, `CheckpointCommitted` and `Suspended`.
+human), plus `Preempted`, `CheckpointCommitted`, `Suspended` and `StatusRejected`.
+
+Bounded status: strings in status come from the trainer (termination message), the bucket
+(progress.json, latest.json) and the kubelet, none of which we control. The schema below gives
+every string a maxLength (the ones of metav1.Condition: reason 1024, message 32768), and
+`bound_status` cleans and cuts a whole status to fit it right before it is written: reasons
+become CamelCase (`^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$`, as metav1.Condition requires),
+messages lose control characters, URIs are normalised (no `//`, `.` or `..` segments). Lengths
+are counted in UTF-8 bytes, the stricter reading of maxLength, so a cut string always fits.
+If the API still refuses a status (422), `rejected_status` is the small status written instead,
+with the condition `StatusRejected` saying why.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -32,6 +43,19 @@ STALLED = "Stalled"
 PREEMPTED = "Preempted"
 CHECKPOINTED = "CheckpointCommitted"
 SUSPENDED = "Suspended"
+STATUS_REJECTED = "StatusRejected"
+
+# Limits of the status schema (metav1.Condition's for reason and message).
+MAX_REASON = 1024
+MAX_MESSAGE = 32768
+MAX_TYPE = 316
+MAX_URI = 2048  # an output URI (1024 in spec) plus the file names under it
+MAX_NAME = 253
+MAX_TIME = 64
+MAX_REJECTED_MESSAGE = 1024  # what a refused status write keeps of the API's complaint
+ELLIPSIS = "…"
+UNKNOWN_REASON = "Unknown"
+REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"  # metav1.Condition's
 
 
 class _Status(BaseModel):
@@ -41,11 +65,14 @@ class _Status(BaseModel):
 class Condition(_Status):
     """A condition in the Kubernetes style."""
 
-    type: str = Field(max_length=316, description="Condition type, e.g. Ready, Stalled, Preempted.")
+    type: str = Field(max_length=MAX_TYPE, description="Condition type, e.g. Ready, Stalled, Preempted.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
-    reason: str = Field("", max_length=1024, description="CamelCase reason for the last transition.")
-    message: str = Field("", max_length=32768, description="Human-readable details.")
-    last_transition_time: str = Field(description="When the status last changed (RFC 3339).")
+    reason: str = Field(
+        min_length=1, max_length=MAX_REASON, pattern=REASON_PATTERN,
+        description="CamelCase reason for the last transition.",
+    )
+    message: str = Field("", max_length=MAX_MESSAGE, description="Human-readable details.")
+    last_transition_time: str = Field(max_length=MAX_TIME, description="When the status last changed (RFC 3339).")
     observed_generation: int | None = Field(None, ge=0, description="metadata.generation this condition was set for.")
 
 
@@ -57,24 +84,24 @@ class ProgressStatus(_Status):
     percent: float = Field(0, ge=0, le=100, description="step / totalSteps in percent.")
     loss: float | None = Field(None, description="Recent training loss.")
     eta_seconds: float | None = Field(None, ge=0, description="Estimated seconds until the run ends.")
-    updated: str | None = Field(None, description="When the trainer wrote the heartbeat (RFC 3339).")
+    updated: str | None = Field(None, max_length=MAX_TIME, description="When the trainer wrote the heartbeat (RFC 3339).")
 
 
 class CheckpointStatus(_Status):
     """The newest committed checkpoint (checkpoints/latest.json)."""
 
     step: int = Field(ge=0, description="Step of the checkpoint.")
-    uri: str = Field(description="Where the checkpoint's state lives.")
-    time: str | None = Field(None, description="When it was committed (RFC 3339).")
+    uri: str = Field(max_length=MAX_URI, description="Where the checkpoint's state lives.")
+    time: str | None = Field(None, max_length=MAX_TIME, description="When it was committed (RFC 3339).")
 
 
 class OutputStatus(_Status):
     """Where the results are (or will be)."""
 
-    weights: str = Field(description="Final LoRA in diffusers format.")
-    kohya_weights: str = Field(description="Final LoRA in kohya/WebUI format.")
-    checkpoints: str = Field(description="Folder of resumable checkpoints and intermediate LoRAs.")
-    logs: str = Field(description="TensorBoard events and train.log.")
+    weights: str = Field(max_length=MAX_URI, description="Final LoRA in diffusers format.")
+    kohya_weights: str = Field(max_length=MAX_URI, description="Final LoRA in kohya/WebUI format.")
+    checkpoints: str = Field(max_length=MAX_URI, description="Folder of resumable checkpoints and intermediate LoRAs.")
+    logs: str = Field(max_length=MAX_URI, description="TensorBoard events and train.log.")
 
 
 class AttemptStatus(_Status):
@@ -82,30 +109,30 @@ class AttemptStatus(_Status):
 
     attempt: int = Field(ge=0, description="Attempt number.")
     result: Literal["Succeeded", "Preempted", "Failed", "Permanent"] = Field(description="Which budget it spent.")
-    reason: str = Field(description="Why it ended, e.g. PreemptionByScheduler, OOMKilled.")
-    message: str = Field("", description="The trainer's or the cluster's words.")
+    reason: str = Field(max_length=MAX_REASON, description="Why it ended, e.g. PreemptionByScheduler, OOMKilled.")
+    message: str = Field("", max_length=MAX_MESSAGE, description="The trainer's or the cluster's words.")
     exit_code: int | None = Field(None, description="The trainer's exit code, when it exited.")
-    finished_at: str = Field(description="When the operator saw it end (RFC 3339).")
+    finished_at: str = Field(max_length=MAX_TIME, description="When the operator saw it end (RFC 3339).")
 
 
 class JobStatus(_Status):
     """status of a LoRATrainingJob (written by the operator only)."""
 
     phase: Phase | None = Field(None, description="Pending, Running, Recovering, Suspended, Succeeded or Failed.")
-    reason: str | None = Field(None, description="CamelCase reason for the phase.")
-    message: str | None = Field(None, description="Human-readable details of the phase.")
+    reason: str | None = Field(None, max_length=MAX_REASON, description="CamelCase reason for the phase.")
+    message: str | None = Field(None, max_length=MAX_MESSAGE, description="Human-readable details of the phase.")
     observed_generation: int | None = Field(None, ge=0, description="metadata.generation the status was written for.")
     attempt: int = Field(0, ge=0, description="Current attempt (pod <job>-a<attempt>); 0 before the first.")
-    pod_name: str | None = Field(None, description="Pod of the current attempt.")
+    pod_name: str | None = Field(None, max_length=MAX_NAME, description="Pod of the current attempt.")
     preemptions: int = Field(0, ge=0, description="Attempts ended by preemption (spot.maxPreemptions budget).")
     failures: int = Field(0, ge=0, description="Attempts that failed (failurePolicy.backoffLimit budget).")
     last_attempt: AttemptStatus | None = Field(None, description="How the last finished attempt ended.")
-    next_attempt_time: str | None = Field(None, description="Earliest start of the next attempt (backoff).")
+    next_attempt_time: str | None = Field(None, max_length=MAX_TIME, description="Earliest start of the next attempt (backoff).")
     progress: ProgressStatus | None = Field(None, description="Training progress from progress.json.")
     latest_checkpoint: CheckpointStatus | None = Field(None, description="Newest committed checkpoint.")
     outputs: OutputStatus | None = Field(None, description="Output URIs.")
-    start_time: str | None = Field(None, description="When the first attempt was started (RFC 3339).")
-    completion_time: str | None = Field(None, description="When the job succeeded or failed (RFC 3339).")
+    start_time: str | None = Field(None, max_length=MAX_TIME, description="When the first attempt was started (RFC 3339).")
+    completion_time: str | None = Field(None, max_length=MAX_TIME, description="When the job succeeded or failed (RFC 3339).")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Reconciling, Stalled and domain conditions.")
 
 
@@ -181,7 +208,7 @@ def progress_status(progress: Progress) -> dict[str, Any]:
 
 def checkpoint_status(latest: LatestPointer, output_uri: str) -> dict[str, Any]:
     """status.latestCheckpoint from checkpoints/latest.json."""
-    return {"step": latest.step, "uri": join_uri(output_uri, latest.path), "time": latest.time}
+    return {"step": latest.step, "uri": clean_uri(join_uri(output_uri, latest.path)), "time": latest.time}
 
 
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -198,3 +225,177 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
         elif value != before or key not in old:
             patch[key] = value
     return patch
+
+
+# --- bounding what goes into status -----------------------------------------------------------
+
+_REASON_OK = re.compile(REASON_PATTERN)
+_REASON_WORD = re.compile(r"[A-Za-z0-9]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/]*)(.*)$", re.DOTALL)
+
+
+def cut(text: str, limit: int) -> str:
+    """`text` in at most `limit` UTF-8 bytes; a cut one ends with an ellipsis."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    room = max(0, limit - len(ELLIPSIS.encode()))
+    return data[:room].decode("utf-8", "ignore") + ELLIPSIS
+
+
+def clean_reason(text: Any, fallback: str = UNKNOWN_REASON, limit: int = MAX_REASON) -> str:
+    """A reason as metav1.Condition accepts it: CamelCase of the words in `text`, at most `limit`
+    bytes (`OOM killed` → `OOMKilled`, `no such bucket!` → `NoSuchBucket`); `fallback` if none."""
+    text = "" if text is None else str(text)
+    if _REASON_OK.match(text):
+        return text[:limit].rstrip(",:")
+    out = "".join(w[:1].upper() + w[1:] for w in _REASON_WORD.findall(text))
+    if out[:1].isdigit():
+        out = "Reason" + out
+    out = out[:limit].rstrip(",:")
+    return out or fallback
+
+
+def clean_message(text: Any, limit: int = MAX_MESSAGE) -> str:
+    """A message without control characters (newlines and tabs stay), at most `limit` bytes."""
+    text = "" if text is None else str(text)
+    text = _CONTROL.sub(" ", text).encode("utf-8", "replace").decode("utf-8")
+    return cut(text, limit)
+
+
+def normalise_path(path: str) -> str:
+    """A `/`-separated path without empty, `.` or `..` segments (`..` never climbs above the
+    start); a trailing slash (a folder) is kept."""
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(part)
+    out = "/".join(parts)
+    if path.startswith("/"):
+        out = "/" + out
+    if path.endswith("/") and out and not out.endswith("/"):
+        out += "/"
+    return out
+
+
+def clean_uri(uri: Any, limit: int = MAX_URI) -> str:
+    """A URI as status shows it: `s3://b/a/./x//y/../z` → `s3://b/a/x/z`, at most `limit` bytes."""
+    text = re.sub(r"\s", " ", _CONTROL.sub(" ", "" if uri is None else str(uri))).strip()
+    match = _URI.match(text)
+    if match:
+        scheme, host, path = match.groups()
+        text = scheme + host + ("/" + normalise_path(path).lstrip("/") if path else "")
+        if path.endswith("/") and not text.endswith("/"):
+            text += "/"
+    else:
+        text = normalise_path(text)
+    return cut(text, limit)
+
+
+MAX_COUNT = 2**53  # integers JSON carries exactly; a step past it is garbage
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+        and value not in (float("inf"), float("-inf"))
+
+
+def _bound_condition(cond: Mapping[str, Any], message_limit: int = MAX_MESSAGE) -> dict[str, Any]:
+    out = dict(cond)
+    out["type"] = cut(str(out.get("type") or UNKNOWN_REASON), MAX_TYPE)
+    out["reason"] = clean_reason(out.get("reason"))
+    out["message"] = clean_message(out.get("message"), message_limit)
+    if isinstance(out.get("lastTransitionTime"), str):
+        out["lastTransitionTime"] = cut(out["lastTransitionTime"], MAX_TIME)
+    return out
+
+
+def bound_status(status: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a job's status in which every string fits the schema (pure; see module doc)."""
+    s = dict(status)
+    if s.get("reason") is not None:
+        s["reason"] = clean_reason(s["reason"])
+    if s.get("message") is not None:
+        s["message"] = clean_message(s["message"])
+    if isinstance(s.get("podName"), str):
+        s["podName"] = cut(s["podName"], MAX_NAME)
+    for key in ("nextAttemptTime", "startTime", "completionTime"):
+        if isinstance(s.get(key), str):
+            s[key] = cut(clean_message(s[key]), MAX_TIME)
+    if isinstance(s.get("lastAttempt"), Mapping):
+        last = dict(s["lastAttempt"])
+        last["reason"] = clean_reason(last.get("reason"))
+        last["message"] = clean_message(last.get("message"))
+        if isinstance(last.get("finishedAt"), str):
+            last["finishedAt"] = cut(last["finishedAt"], MAX_TIME)
+        s["lastAttempt"] = last
+    if isinstance(s.get("progress"), Mapping):
+        prog = {k: v for k, v in s["progress"].items() if k not in ("loss", "etaSeconds") or _finite(v)}
+        for key in ("step", "totalSteps"):
+            if key in prog and not _count(prog[key]):
+                prog[key] = 0
+        if not (_finite(prog.get("percent")) and 0 <= prog["percent"] <= 100):
+            prog["percent"] = 0.0
+        if isinstance(prog.get("updated"), str):
+            prog["updated"] = cut(clean_message(prog["updated"]), MAX_TIME)
+        s["progress"] = prog
+    if isinstance(s.get("latestCheckpoint"), Mapping) and not _count(s["latestCheckpoint"].get("step")):
+        del s["latestCheckpoint"]  # a latest.json with a negative or absurd step says nothing
+    if isinstance(s.get("latestCheckpoint"), Mapping):
+        ckpt = dict(s["latestCheckpoint"])
+        ckpt["uri"] = clean_uri(ckpt.get("uri") or "")
+        if isinstance(ckpt.get("time"), str):
+            ckpt["time"] = cut(clean_message(ckpt["time"]), MAX_TIME)
+        s["latestCheckpoint"] = ckpt
+    if isinstance(s.get("outputs"), Mapping):
+        s["outputs"] = {k: clean_uri(v) if isinstance(v, str) else v for k, v in s["outputs"].items()}
+    if isinstance(s.get("conditions"), list):
+        s["conditions"] = [_bound_condition(c) for c in s["conditions"] if isinstance(c, Mapping)]
+    return s
+
+
+# The bookkeeping that keeps a job's state machine moving (see reconcile): what a refused status
+# write still records, so the decision (and its events) is not repeated on every pass.
+_KEPT_WHEN_REJECTED = ("phase", "observedGeneration", "attempt", "podName", "preemptions", "failures",
+                       "nextAttemptTime", "startTime", "completionTime", "progress")
+
+
+def rejected_status(
+    status: Mapping[str, Any],
+    stored: Mapping[str, Any],
+    problem: str,
+    now: datetime,
+    generation: int | None,
+) -> dict[str, Any]:
+    """The small status written when the API refused `status`: the bookkeeping fields, short
+    reasons and messages, no mirrored progress, and the condition StatusRejected naming `problem`.
+    `stored` is the status on the server (it keeps StatusRejected's lastTransitionTime)."""
+    out: dict[str, Any] = {k: status[k] for k in _KEPT_WHEN_REJECTED if k in status}
+    out["reason"] = clean_reason(status.get("reason"), fallback=STATUS_REJECTED)
+    out["message"] = clean_message(status.get("message"), MAX_REJECTED_MESSAGE)
+    last = status.get("lastAttempt")
+    if isinstance(last, Mapping):
+        out["lastAttempt"] = {k: last[k] for k in ("attempt", "result", "reason", "finishedAt", "exitCode") if k in last}
+        out["lastAttempt"]["message"] = clean_message(last.get("message"), MAX_REJECTED_MESSAGE)
+    ckpt = status.get("latestCheckpoint")
+    if isinstance(ckpt, Mapping):  # kept: a checkpoint event is posted when its step changes
+        out["latestCheckpoint"] = {**ckpt, "uri": clean_uri(ckpt.get("uri"), MAX_REJECTED_MESSAGE)}
+    before = get_condition(stored.get("conditions") or [], STATUS_REJECTED)
+    conditions = [_bound_condition(c, MAX_REJECTED_MESSAGE) for c in status.get("conditions") or []
+                  if isinstance(c, Mapping) and c.get("type") != STATUS_REJECTED]
+    if before:
+        conditions.append(dict(before))
+    text = clean_message(f"the API server refused the job's status, so only this short one was written: {problem}",
+                         MAX_REJECTED_MESSAGE)
+    out["conditions"] = set_condition(conditions, STATUS_REJECTED, True, STATUS_REJECTED, text, now, generation)
+    return bound_status(out)

@@ -7,7 +7,9 @@ Behaviours tested:
 - stuck pods (unschedulable, image pull, missing secret) only count after the deadline, and an
   invalid image name is fatal at once;
 - pods stuck Terminating are force-deleted only on a NotReady node past the grace;
-- exponential backoff is capped.
+- exponential backoff is capped;
+- exit 77 (the store refused the trainer for good) is permanent with reason StorageRejected and a
+  message naming the spec fields to check; reasons from the trainer or the kubelet are cleaned.
 """
 
 from __future__ import annotations
@@ -57,6 +59,15 @@ TM = json.dumps({"reason": "InvalidConfig", "step": 0, "checkpoint": None, "mess
         (make_pod(phase="Failed", exit_code=78, message=TM), Result.PERMANENT, "InvalidConfig"),
         (make_pod(phase="Failed", exit_code=65), Result.PERMANENT, "ExitCode65"),
         (make_pod(phase="Failed", exit_code=64), Result.PERMANENT, "ExitCode64"),
+        (make_pod(phase="Failed", exit_code=77), Result.PERMANENT, Reason.STORAGE_REJECTED),
+        (make_pod(phase="Failed", exit_code=77, message=json.dumps({"reason": "StorageRejected", "message": "NoSuchBucket"})),
+         Result.PERMANENT, Reason.STORAGE_REJECTED),
+        # A reason the API would refuse in a condition is cleaned to CamelCase of at most 1024 bytes.
+        (make_pod(phase="Failed", exit_code=1, message=json.dumps({"reason": "R" * 2000, "message": "m"})),
+         Result.FAILED, "R" * 1024),
+        (make_pod(phase="Failed", exit_code=78, message=json.dumps({"reason": "bad config!", "message": "m"})),
+         Result.PERMANENT, "BadConfig"),
+        (make_pod(phase="Failed", pod_reason="OutOfnvidia.com/gpu"), Result.PREEMPTED, "OutOfnvidiaComGpu"),
         (make_pod(phase="Failed", exit_code=79), Result.FAILED, Reason.ERROR),
         (make_pod(phase="Failed", exit_code=1), Result.FAILED, Reason.ERROR),
         (make_pod(phase="Failed", exit_code=3), Result.FAILED, Reason.ERROR),
@@ -141,3 +152,9 @@ def test_stuck_terminating(deleting_ago: float, node_ready: bool | None, expecte
 @pytest.mark.parametrize(("failures", "expected"), [(1, 10), (2, 20), (3, 40), (7, 600), (30, 600)])
 def test_backoff(failures: int, expected: float) -> None:
     assert next_backoff(failures, 10, 600) == expected
+
+
+def test_storage_rejected_message_names_the_fields() -> None:
+    outcome = classify_finished(make_pod(phase="Failed", exit_code=77))
+    assert outcome is not None and outcome.result is Result.PERMANENT
+    assert "spec.storage.credentialsSecret" in outcome.message and "spec.output.uri" in outcome.message

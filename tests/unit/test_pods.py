@@ -7,7 +7,9 @@ Behaviours tested:
 - credentials only by secretKeyRef, with configurable keys; no secret → no AWS_* variables;
 - GPUs, memory, placement and grace period from the spec; a hardened security context with
   writable /scratch and /dev/shm emptyDirs;
-- the pod validates against the upstream Pod schema.
+- the pod validates against the upstream Pod schema;
+- a job name that would make a label value over 63 characters (or not a label value) is refused
+  with SpecError naming metadata.name, even without the CRD's CEL rule.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import json
 import kubernetes_validate
 import pytest
 
-from lora_operator.pods import build_pod
+from lora_operator.pods import build_pod, check_job_name
+from lora_operator.spec import SpecError
 from lora_trainer.config import TrainConfig
 from tests.unit.builders import SETTINGS, make_job
 
@@ -103,3 +106,18 @@ def test_hardened_security_context() -> None:
 def test_pod_validates_against_upstream_schema(version: str) -> None:
     job = make_job(resources={"gpus": 1, "memory": "8Gi", "tolerations": [{"operator": "Exists"}]})
     kubernetes_validate.validate(build_pod(job, 1, SETTINGS), version, strict=True)
+
+
+@pytest.mark.parametrize("name", ["j" * 53, "j" * 64, "j" * 253, "", "-starts-with-dash"])
+def test_unfit_job_names_are_refused(name: str) -> None:
+    with pytest.raises(SpecError) as info:
+        build_pod(make_job(name), 1, SETTINGS)
+    assert info.value.field == "metadata.name" and "shorter name" in str(info.value)
+
+
+def test_longest_name_fits_every_limit() -> None:
+    name = "j" * 52
+    check_job_name(name)
+    pod = build_pod(make_job(name), 100_100, SETTINGS)  # past every budget's largest attempt
+    assert all(len(v) <= 63 for v in pod["metadata"]["labels"].values())
+    kubernetes_validate.validate(pod, "1.30.0", strict=True)

@@ -12,11 +12,16 @@ Behaviours tested (one row or test each):
 - a bad spec fails the job naming the field; never two live pods; a pod one attempt ahead of
   the status (lost status write) is adopted, not duplicated; decisions are stable when repeated;
 - pods of a deleted job with the same name (another owner uid) are neither adopted nor counted:
-  the new job waits until the garbage collector frees the pod name.
+  the new job waits until the garbage collector frees the pod name;
+- hostile inputs never make an unwritable status: a 2000-character trainer reason and a 40 KB
+  latest.json path are bounded, the job still moves on; a name too long for a label fails the
+  job (InvalidSpec) instead of making a pod; an output inside an input fails naming both fields;
+- a status marked StatusRejected is cleared once a full status is decided again.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -281,3 +286,36 @@ def test_repeated_decision_is_stable() -> None:
     d = decide(make_job())
     again = decide(make_job(status=d.status), [make_pod(phase="Pending", created_ago=0)])
     assert again.actions == [] and again.events == [] and again.status == d.status
+
+
+def test_hostile_reason_and_checkpoint_path_are_bounded() -> None:
+    from lora_operator.crd import build_crd
+    from lora_operator.emulator.schema import validate
+
+    tm = json.dumps({"reason": "R" * 2000, "step": 3, "message": "boom"})
+    latest = LatestPointer(step=3, attempt=1, path="checkpoints/" + "p" * 40_000)
+    d = decide(make_job(status=running()), [make_pod(phase="Failed", exit_code=1, message=tm)], latest=latest)
+    assert created(d) == [] and d.status["phase"] == "Recovering" and d.status["failures"] == 1
+    schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    assert validate(schema, d.status, "status") == []
+    assert d.status["lastAttempt"]["reason"] == "R" * 1024
+    assert all(len(e.reason) <= 1024 and len(e.message) <= 1024 for e in d.events)
+
+
+def test_job_name_too_long_for_a_label_fails_the_job() -> None:
+    d = decide(make_job("j" * 60))
+    assert created(d) == [] and (d.status["phase"], d.status["reason"]) == ("Failed", "InvalidSpec")
+    assert d.status["message"].startswith("metadata.name:")
+
+
+def test_output_inside_an_input_fails_the_job() -> None:
+    d = decide(make_job(output={"uri": "s3://datasets/portraits/lora/"}))
+    assert created(d) == [] and (d.status["phase"], d.status["reason"]) == ("Failed", "InvalidSpec")
+    assert "spec.output.uri" in d.status["message"] and "spec.dataset.uri" in d.status["message"]
+
+
+def test_status_rejected_is_cleared_by_a_full_status() -> None:
+    rejected = {"type": "StatusRejected", "status": "True", "reason": "StatusRejected", "message": "x",
+                "lastTransitionTime": ts(60)}
+    d = decide(make_job(status=running(conditions=[rejected])), [make_pod(phase="Running")])
+    assert (cond(d, "StatusRejected")["status"], cond(d, "StatusRejected")["reason"]) == ("False", "StatusAccepted")

@@ -78,6 +78,13 @@ def test_snake_case_is_accepted_too() -> None:
         ({"training": {"maxTrainSteps": 100, "lrScheduler": "exotic"}}, "spec.training.lrScheduler", "cosine"),
         ({"lora": {"rnak": 4}}, "spec.lora.rnak", "Extra inputs"),
         ({"resources": {"memory": "lots"}}, "spec.resources.memory", "pattern"),
+        ({"output": {"uri": "s3://datasets/portraits/"}}, "spec.output.uri", "equals spec.dataset.uri"),
+        ({"output": {"uri": "s3://datasets/portraits"}}, "spec.output.uri", "equals spec.dataset.uri"),
+        ({"output": {"uri": "s3://datasets/portraits/out/"}}, "spec.output.uri", "is inside spec.dataset.uri"),
+        ({"output": {"uri": "s3://datasets//portraits/./out"}}, "spec.output.uri", "is inside spec.dataset.uri"),
+        ({"output": {"uri": "s3://models/"}}, "spec.output.uri", "contains spec.baseModel.uri"),
+        ({"output": {"uri": "s3://models/x/../sd15"}}, "spec.output.uri", "equals spec.baseModel.uri"),
+        ({"storage": {"retrySeconds": 0}}, "spec.storage.retrySeconds", "greater than or equal to 1"),
     ],
 )
 def test_errors_name_the_crd_field(change: dict, field: str, words: str) -> None:
@@ -109,3 +116,15 @@ def test_every_local_path_of_a_pod_lies_in_its_scratch_volume() -> None:
     config = to_train_config(parse_spec(DESIGN_SPEC))
     for path in (cache_root(config) / "inputs", scratch_root(config)):
         assert PurePosixPath(path).is_relative_to(SCRATCH_DIR), path
+
+
+@pytest.mark.parametrize("uri", ["s3://loras/job/", "s3://datasets/portraits-out/", "s3://models2/sd15/",
+                                 "s3://other/datasets/portraits/"])
+def test_output_apart_from_inputs_is_fine(uri: str) -> None:
+    assert parse_spec({**MINIMAL_SPEC, "output": {"uri": uri}}).output.uri == uri
+
+
+def test_storage_retry_seconds_reaches_the_trainer() -> None:
+    assert to_train_config(parse_spec(MINIMAL_SPEC)).storage_retry_seconds == 300
+    spec = {**MINIMAL_SPEC, "storage": {**MINIMAL_SPEC["storage"], "retrySeconds": 20}}
+    assert to_train_config(parse_spec(spec)).storage_retry_seconds == 20
