@@ -1,7 +1,8 @@
 """The API emulator behaves like kube-apiserver, as seen through the official kubernetes client.
 
-Each row is a behaviour plain kmock 0.8 lacks; every test also passes against a real cluster
-(``LORA_TEST_KUBECONFIG=/path/to/kubeconfig``: a throwaway namespace, the test CRD registered).
+Each row is a behaviour plain kmock 0.8 lacks; every test runs on both targets of the run (ids
+``[emulator]`` and ``[real]``: a kube-apiserver started from ``KUBEBUILDER_ASSETS``), or on
+``LORA_TEST_KUBECONFIG``'s cluster: a throwaway namespace, the test CRD registered.
 
 | behaviour                                                                  | test                                    |
 |----------------------------------------------------------------------------|-----------------------------------------|
@@ -10,13 +11,15 @@ Each row is a behaviour plain kmock 0.8 lacks; every test also passes against a 
 | missing object → 404 NotFound Status                                       | test_missing_object_is_not_found_status |
 | stale metadata.resourceVersion on update/patch → 409 Conflict              | test_stale_resource_version_conflicts   |
 | merge, strategic-merge and json patches; PUT; all return the object        | test_patch_flavours_and_put             |
-| delete returns the object; deleting again → 404 Status                     | test_delete_returns_object_then_404     |
+| delete: a CR gone at once → Status; held by finalizers or a pod → object; | test_delete_returns_object_then_404     |
+|   deleting again → 404 Status                                              |                                         |
 | one global resourceVersion, increasing on every write                      | test_resource_version_is_global         |
 | generation bumps on spec changes only (CR and pod)                         | test_generation_tracks_spec_only        |
 | label selectors on list (=, ==, !=, in, notin, exists, !exists)            | test_label_selectors_on_list            |
 | field selectors on list (metadata.name/namespace, status.phase)            | test_field_selectors_on_list            |
 | selectors on watch: objects enter (ADDED) and leave (DELETED) the selection| test_selectors_on_watch                 |
-| /status writes change only status; main writes leave status alone          | test_status_subresource_split           |
+| /status writes change only status (pods/status keeps label changes);      | test_status_subresource_split           |
+|   main writes leave status alone                                           |                                         |
 | deleting an owner garbage-collects dependents, recursively                 | test_background_garbage_collection      |
 | propagationPolicy=Orphan keeps dependents, drops their ownerReferences     | test_orphan_propagation                 |
 | finalizers hold an object with deletionTimestamp until removed             | test_finalizers_hold_deletion           |
@@ -26,9 +29,11 @@ Each row is a behaviour plain kmock 0.8 lacks; every test also passes against a 
 | defaults re-applied on update                                              | test_defaults_applied_on_update         |
 | a registered CRD is served and discoverable, with its status subresource   | test_crd_is_discoverable                |
 | list carries metadata.resourceVersion; watch from it replays later events  | test_watch_resumes_from_list_version    |
-| core/v1 and events.k8s.io/v1 Events are creatable and listable             | test_events_are_creatable_and_listable  |
+| core/v1 and events.k8s.io/v1 Events are creatable and listable; eventTime  | test_events_are_creatable_and_listable  |
+|   must be a MicroTime (6 fractional digits) or 400                         |                                         |
 | discovery as kubectl maps it: core is `v1`, subresources have no shortNames| test_discovery_as_kubectl_reads_it      |
 | `kubectl get` Tables: Name + additionalPrinterColumns, dates as ages       | test_server_side_printing_tables        |
+| a CRD schema may say nothing about metadata but its type → 422             | test_crd_metadata_schema_is_implicit    |
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import kubernetes
 import pytest
 from kubernetes.client.rest import ApiException
 
-from tests.support.kube import KubeTarget, eventually, open_cluster, throwaway_namespace
+from tests.support.kube import KubeTarget, eventually, throwaway_namespace
 
 GROUP, VERSION, PLURAL, KIND = "fidelity.lora-operator.dev", "v1", "gadgets", "Gadget"
 CRD: dict[str, Any] = {
@@ -87,9 +92,9 @@ NODE = "fidelity-node"
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeTarget]:
-    with open_cluster(tmp_path_factory.mktemp("fidelity"), [CRD]) as target:
-        yield target
+def target(kube_api: KubeTarget) -> KubeTarget:
+    kube_api.register_crd(CRD)
+    return kube_api
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +208,15 @@ def test_patch_flavours_and_put(core, custom, ns):
 def test_delete_returns_object_then_404(core, custom, ns):
     create_gadget(custom, ns, "doomed")
     deleted = custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "doomed")
-    assert deleted["metadata"]["name"] == "doomed" and deleted["kind"] == KIND
+    # A custom resource without finalizers is gone at once: the answer is a Status, not the object.
+    assert (deleted["kind"], deleted["status"], deleted["details"]["name"]) == ("Status", "Success", "doomed")
+    create_gadget(custom, ns, "held")
+    custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "held", {"metadata": {"finalizers": ["x/y"]}})
+    pending = custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "held")
+    assert pending["kind"] == KIND and pending["metadata"]["deletionTimestamp"]  # still there: the object
+    custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "held", {"metadata": {"finalizers": None}})
+    pod_gone = core.create_namespaced_pod(ns, pod("doomed-pod"))
+    assert core.delete_namespaced_pod("doomed-pod", ns, grace_period_seconds=0).metadata.uid == pod_gone.metadata.uid
     code, body = error_of(custom.delete_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, "doomed")
     assert (code, body["kind"], body["reason"]) == (404, "Status", "NotFound")
 
@@ -292,7 +305,12 @@ def test_status_subresource_split(core, custom, ns):
     patched = core.patch_namespaced_pod("split-pod", ns, {"metadata": {"labels": {"a": "b"}}, "status": {"phase": "Failed"}})
     assert patched.status.phase == "Pending"
     patched = core.patch_namespaced_pod_status("split-pod", ns, {"metadata": {"labels": {"c": "d"}}, "status": {"phase": "Running"}})
-    assert patched.status.phase == "Running" and "c" not in (patched.metadata.labels or {})
+    # pods/status keeps label changes (a kubelet may not rely on them being dropped) ...
+    assert patched.status.phase == "Running" and patched.metadata.labels == {"a": "b", "c": "d"}
+    # ... while a custom resource's /status drops every metadata change.
+    via_status = custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, ns, PLURAL, "split", {"metadata": {"labels": {"c": "d"}}, "status": {"phase": "Done"}})
+    assert via_status["status"]["phase"] == "Done" and "c" not in (via_status["metadata"].get("labels") or {})
 
 
 def owner_ref(owner: dict[str, Any]) -> dict[str, Any]:
@@ -415,13 +433,44 @@ def test_events_are_creatable_and_listable(client, core, ns):
                                       "reason": "Tested", "message": "core event", "type": "Normal"})
     listed = core.list_namespaced_event(ns).items
     assert [e.metadata.name.startswith("fidelity-") for e in listed if e.reason == "Tested"] == [True]
-    events_api = kubernetes.client.EventsV1Api(client)
-    events_api.create_namespaced_event(ns, {"metadata": {"name": "fidelity-new"}, "regarding": involved,
-                                            "reason": "Tested", "note": "new event", "type": "Normal",
-                                            "action": "Test", "reportingController": "fidelity/test",
-                                            "reportingInstance": "fidelity-1",
-                                            "eventTime": "2024-01-01T00:00:00.000000Z"})
-    assert "fidelity-new" in {e.metadata.name for e in events_api.list_namespaced_event(ns).items}
+    new_event = {"apiVersion": "events.k8s.io/v1", "kind": "Event", "regarding": {**involved, "namespace": ns},
+                 "reason": "Tested",
+                 "note": "new event", "type": "Normal", "action": "Test", "reportingController": "fidelity/test",
+                 "reportingInstance": "fidelity-1"}
+    # Sent raw: the official client turns eventTime into a datetime and re-serialises it as
+    # `+00:00`, which a real server refuses (Kopf and our operator send JSON themselves).
+    path = f"/apis/events.k8s.io/v1/namespaces/{ns}/events"
+    good = {**new_event, "metadata": {"name": "fidelity-new"}, "eventTime": "2024-01-01T00:00:00.000000Z"}
+    code, body = send_raw(client, "POST", path, good)
+    assert code == 201, body["message"]
+    # Listed raw too: the client's model insists on an eventTime that core/v1 Events lack.
+    assert "fidelity-new" in {e["metadata"]["name"] for e in get_raw(client, path)["items"]}
+    # eventTime is a MicroTime: an RFC 3339 time without six fractional digits is a 400.
+    bad = {**new_event, "metadata": {"name": "fidelity-bad-time"}, "eventTime": "2024-01-01T00:00:00+00:00"}
+    code, body = send_raw(client, "POST", path, bad)
+    assert (code, body["reason"]) == (400, "BadRequest") and "2006-01-02T15:04:05.000000Z07:00" in body["message"]
+
+
+def send_raw(client: kubernetes.client.ApiClient, method: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Send a JSON body exactly as given; the status code and the JSON answer."""
+    method, url, headers, body, _ = client.param_serialize(
+        method, path, header_params={"Content-Type": "application/json", "Accept": "application/json"},
+        body=body, auth_settings=["BearerToken"])
+    response = client.call_api(method, url, header_params=headers, body=body)
+    response.read()
+    return response.status, json.loads(response.data)
+
+
+def test_crd_metadata_schema_is_implicit(target):
+    crd = {**CRD, "metadata": {"name": "widgets.fidelity.lora-operator.dev"}, "spec": {
+        **CRD["spec"], "names": {"plural": "widgets", "singular": "widget", "kind": "Widget", "listKind": "WidgetList"},
+        "versions": [{**CRD["spec"]["versions"][0], "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+            "metadata": {"type": "object", "description": "not allowed"}}}}}]}}
+    with target.api_client() as client:
+        ext = kubernetes.client.ApiextensionsV1Api(client)
+        code, body = error_of(ext.create_custom_resource_definition, crd)
+    assert (code, body["reason"]) == (422, "Invalid")
+    assert "must not specify anything other than name and generateName" in body["message"]
 
 
 def get_raw(client: kubernetes.client.ApiClient, path: str, accept: str = "application/json") -> dict[str, Any]:

@@ -146,3 +146,15 @@ def crd_status(crd: Mapping[str, Any], now: str) -> dict[str, Any]:
                         ("Established", "InitialNamesAccepted", "the initial names have been accepted"))
     ]
     return {"conditions": conditions, "acceptedNames": copy.deepcopy(spec["names"]), "storedVersions": storage}
+
+
+_MICRO_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})$")
+
+
+def event_time_error(event: Mapping[str, Any]) -> str | None:
+    """Why an Event's eventTime is refused (MicroTime: exactly six fractional digits), or None."""
+    value = event.get("eventTime")
+    if value is None or (isinstance(value, str) and _MICRO_TIME.match(value)):
+        return None
+    return (f'parsing time "{value}" as "2006-01-02T15:04:05.000000Z07:00": '
+            "eventTime must be a MicroTime with six fractional digits")

@@ -149,12 +149,26 @@ class Engine:
             problems = check_crd(obj)
             if not problems:
                 obj["status"] = builtins.crd_status(obj, now_iso()) if old is None else old.get("status", {})
+        elif model.plural == "events" and model.group in ("", "events.k8s.io"):
+            bad = builtins.event_time_error(obj)
+            if bad:
+                raise errors.bad_request(f'Event in version "{model.version}" cannot be handled as a Event: {bad}')
         elif (model.group, model.plural) == ("", "namespaces") and old is None:
             obj["status"] = {"phase": "Active"}
             obj["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = name
         if problems:
             raise errors.invalid(model.group, model.kind, name, problems)
         return obj
+
+    def _admit_status(self, model: Model, obj: dict[str, Any]) -> dict[str, Any]:
+        # A /status write of a custom resource is pruned, defaulted and validated against the
+        # CRD's schema like any write (the real server's status strategy). Only status fields can
+        # fail it: the rest was copied from the stored object (validation ratcheting).
+        admitted, problems = admit(model.schema, obj)
+        problems = [p for p in problems if p.field == "status" or p.field.startswith(("status.", "status["))]
+        if problems:
+            raise errors.invalid(model.group, model.kind, obj["metadata"].get("name", ""), problems)
+        return admitted
 
     # ---- update and patch -----------------------------------------------------------------------
 
@@ -209,6 +223,15 @@ class Engine:
                 merged["status"] = new["status"]
             else:
                 merged.pop("status", None)
+            if (model.group, model.plural) == ("", "pods"):
+                # A real pods/status write keeps label and annotation changes (only custom
+                # resources reset all of metadata on /status).
+                for field in ("labels", "annotations"):
+                    value = (new.get("metadata") or {}).get(field)
+                    if value is None:
+                        merged["metadata"].pop(field, None)
+                    else:
+                        merged["metadata"][field] = value
             new = merged
         elif subresource:
             raise errors.method_not_allowed(f"subresource {subresource!r} is not supported by the emulator")
@@ -230,6 +253,8 @@ class Engine:
                         "metadata.finalizers", "FieldValueForbidden",
                         f"Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers {sorted(added)!r}")])
             new = self._admit_kind(model, old, new)
+        if subresource == "status" and model.crd_name is not None:
+            new = self._admit_status(model, new)
         new["apiVersion"], new["kind"] = old["apiVersion"], old["kind"]
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
         if new == old:
@@ -309,7 +334,13 @@ class Engine:
             result = self._mark(key, obj, changes, finalizers)
             self._schedule_gc()
             return result
-        return self._remove(key)
+        removed = self._remove(key)
+        if model.crd_name is not None:
+            # Custom resources gone at once answer a Status (built-in kinds answer the object).
+            return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                    "details": {"name": meta["name"], "group": model.group, "kind": model.plural,
+                                "uid": meta["uid"]}}
+        return removed
 
     def _mark(self, key: Key, obj: dict[str, Any], changes: dict[str, Any], finalizers: list[str]) -> dict[str, Any]:
         obj = copy.deepcopy(obj)

@@ -137,7 +137,16 @@ def check_crd(crd: Mapping[str, Any]) -> list[FieldError]:
         errors.append(FieldError("spec.versions", "FieldValueInvalid",
                                  "Invalid value: must have exactly one version marked as storage version"))
     for index, version in enumerate(versions):
-        if not (version.get("schema") or {}).get("openAPIV3Schema"):
+        root = (version.get("schema") or {}).get("openAPIV3Schema")
+        if not root:
             errors.append(FieldError(f"spec.versions[{index}].schema.openAPIV3Schema", "FieldValueRequired",
                                      "Required value: schemas are required"))
+            continue
+        metadata = (root.get("properties") or {}).get("metadata")
+        if isinstance(metadata, Mapping) and set(metadata) - {"type", "properties"}:
+            # What refused the product's CRD on a real server: metadata is implicit, only
+            # `type: object` (and constraints on name/generateName) may be said about it.
+            errors.append(FieldError("spec.validation.openAPIV3Schema.properties[metadata]", "FieldValueForbidden",
+                                     "Forbidden: must not specify anything other than name and generateName, "
+                                     "but metadata is implicitly specified"))
     return errors
