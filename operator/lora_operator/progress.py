@@ -2,13 +2,22 @@
 
 Each job has its own credentials (a Secret), so this uses one boto3 client per endpoint and key
 rather than `lora_trainer.storage`, which takes credentials from the process environment.
-Short timeouts and two attempts: a slow store delays one status update, never a job's loop.
+
+Bounded, because one job's bucket must not hurt the operator every job shares:
+- time: 3 s to connect, 5 s to read, two attempts (boto3's "standard" retries), so a hanging
+  endpoint costs a pass at most ~16 s per file; a slow store delays one status update, never a
+  job's loop. These are the operator's own bounds, independent of spec.storage.retrySeconds
+  (which is the trainer's budget: the operator only mirrors, it never waits for the store);
+- size: each file is fetched with a ranged GET of its first 64 KiB + 1 byte, and at most that
+  much is read even from a server that ignores the range; a bigger file is refused with a
+  ProgressUnavailable naming it (the trainer writes a few hundred bytes).
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -22,7 +31,12 @@ from lora_operator.spec import StorageSpec
 from lora_trainer.contract import LATEST_FILE, PROGRESS_FILE, LatestPointer, Progress
 
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+_EMPTY = {"InvalidRange", "416"}  # a ranged GET of an empty object
 _MAX_CLIENTS = 256
+MAX_JSON_BYTES = 64 * 1024
+CONNECT_TIMEOUT = 3.0
+READ_TIMEOUT = 5.0
+MAX_ATTEMPTS = 2
 
 
 class ProgressUnavailable(Exception):
@@ -60,7 +74,8 @@ def _client(storage: StorageSpec, creds: Credentials | None) -> Any:
                 aws_access_key_id=creds.access_key_id if creds else None,
                 aws_secret_access_key=creds.secret_access_key if creds else None,
                 config=Config(
-                    connect_timeout=3, read_timeout=5, retries={"max_attempts": 2, "mode": "standard"},
+                    connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
+                    retries={"total_max_attempts": MAX_ATTEMPTS, "mode": "standard"},
                     s3={"addressing_style": "path" if storage.path_style else "virtual"},
                 ),
             )
@@ -75,16 +90,33 @@ def _split(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.strip("/")
 
 
+def _size(response: Mapping[str, Any], read: int) -> str:
+    total = str(response.get("ContentRange") or "").rpartition("/")[2]
+    return f"{int(total):,} bytes" if total.isdigit() else f"over {read - 1:,} bytes"
+
+
 def _read(client: Any, bucket: str, key: str, model: type[BaseModel]) -> Any:
     try:
-        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        response = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{MAX_JSON_BYTES}")
+        stream = response["Body"]
+        try:
+            body = stream.read(MAX_JSON_BYTES + 1)
+        finally:
+            stream.close()
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in _MISSING:
             return None
-        raise ProgressUnavailable(f"cannot read s3://{bucket}/{key}: {code or 'error'}") from None
+        if code not in _EMPTY:
+            raise ProgressUnavailable(f"cannot read s3://{bucket}/{key}: {code or 'error'}") from None
+        body = b""
     except BotoCoreError as exc:
         raise ProgressUnavailable(f"cannot read s3://{bucket}/{key}: {type(exc).__name__}") from None
+    if len(body) > MAX_JSON_BYTES:
+        raise ProgressUnavailable(
+            f"s3://{bucket}/{key} is {_size(response, len(body))}, over the {MAX_JSON_BYTES // 1024} KiB the "
+            "operator reads (the trainer writes a few hundred bytes); delete it or find what else writes "
+            "under spec.output.uri")
     try:
         return model.model_validate_json(body)
     except ValidationError:
