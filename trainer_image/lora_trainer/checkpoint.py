@@ -15,9 +15,11 @@ Commit protocol and what it guarantees:
    `find_resumable` rejects and skips; never a checkpoint that verifies but is incomplete.
 2. Retention deletes older step folders only after a newer commit, MANIFEST first, then the
    files: a half-deleted checkpoint has no MANIFEST and never looks valid.
-3. Resume never trusts latest.json: it takes the newest step folder that verifies, falls back
-   past corrupt or partial ones (logged), and refuses (ResumeRefused) when folders exist but
-   none verify, instead of silently restarting at step 0.
+3. Resume never trusts latest.json: it takes the newest step folder that verifies (and whose
+   state loads, checked by the caller), falls back past corrupt, partial or unloadable ones
+   (logged), and refuses (ResumeRefused) when folders exist but none is usable, instead of
+   silently restarting at step 0. A latest.json naming a step whose folder is gone is a warning
+   when older checkpoints remain, and a refusal when none do.
 4. Fencing: each attempt claims `attempts/<n>.json` at start. Before uploading, before the
    MANIFEST, before latest.json and before pruning, the committer re-reads the newest recorded
    attempt (claims, manifests, latest.json) and raises StaleAttempt if it is older.
@@ -41,7 +43,7 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lora_trainer.config import changed_fields
 from lora_trainer.contract import CHECKPOINTS_DIR, LATEST_FILE, MANIFEST_FILE, LatestPointer, utcnow
 from lora_trainer.errors import ResumeRefused, StaleAttempt
+from lora_trainer.paths import UnsafePath, is_inside, name_problem, normalise_name, shorten, shown
 from lora_trainer.storage import NotFound, ObjectInfo, StorageUnavailable, Store
 
 log = logging.getLogger(__name__)
@@ -159,8 +162,8 @@ class Manifest(BaseModel):
     @classmethod
     def _relative_names(cls, files: dict[str, FileDigest]) -> dict[str, FileDigest]:
         for name in files:
-            if not name or name.startswith("/") or ".." in name.split("/") or name == MANIFEST_FILE:
-                raise ValueError(f"file name {name!r} must be a relative path inside the step folder")
+            if name_problem(name) or normalise_name(name) != name or name == MANIFEST_FILE:
+                raise ValueError(f"file name {shown(name)} must be a plain relative path inside the step folder")
         return files
 
     def to_json(self) -> bytes:
@@ -375,11 +378,28 @@ class _Invalid(Exception):
 def find_resumable(store: Store, dest_dir: Path) -> Resumable | None:
     """Download and verify the newest valid checkpoint into `dest_dir`; None if there are none.
 
-    Raises ResumeRefused if step folders exist but none verifies."""
-    groups = group_step_keys(store.list_info(f"{CHECKPOINTS_DIR}/"))
-    if not groups:
-        return None
-    problems = []
+    Raises ResumeRefused if step folders (or a latest.json) exist but none verifies."""
+    problems: list[str] = []
+    for found in resumable_checkpoints(store, dest_dir, problems):
+        return found
+    if problems:
+        raise ResumeRefused(refusal(store, problems))
+    return None
+
+
+def resumable_checkpoints(store: Store, dest_dir: Path, problems: list[str]) -> Iterator[Resumable]:
+    """Verified checkpoints, newest first, each downloaded into `dest_dir` when reached.
+
+    Why each skipped one was unusable is appended to `problems` (and logged); a caller that
+    finds a yielded one unusable too appends its reason and asks for the next."""
+    infos = store.list_info(f"{CHECKPOINTS_DIR}/")
+    groups = group_step_keys(infos)
+    pointed = _latest_step(store) if any(info.key == LATEST_FILE for info in infos) else None
+    if pointed is not None and pointed not in groups:
+        gone = f"latest.json names step {pointed}, whose folder {CHECKPOINTS_DIR}/step-{pointed:09d} is gone"
+        problems.append(gone)
+        if groups:
+            log.warning("%s; falling back to the newest checkpoint that verifies", gone)
     for step in resume_order(groups):
         try:
             found = _verify(store, step, groups[step], dest_dir)
@@ -387,12 +407,29 @@ def find_resumable(store: Store, dest_dir: Path) -> Resumable | None:
             log.warning("checkpoint step %d at %s is not usable (%s); trying the previous one", step, store.url(step_prefix(step)), exc)
             problems.append(f"step {step}: {exc}")
             continue
-        log.info("resuming from checkpoint step %d (attempt %d) at %s", step, found.attempt, store.url(step_prefix(step)))
-        return found
-    raise ResumeRefused(
-        f"{store.url(CHECKPOINTS_DIR)} holds {len(groups)} checkpoint folder(s) but none verifies "
-        f"({'; '.join(problems)}); restore a good checkpoint or use a new output_dir to start over"
+        log.info("checkpoint step %d (attempt %d) at %s verifies", step, found.attempt, store.url(step_prefix(step)))
+        yield found
+
+
+def refusal(store: Store, problems: list[str]) -> str:
+    """The ResumeRefused message when checkpoints exist but none is usable."""
+    folders = sum(1 for p in problems if p.startswith("step "))
+    what = f"holds {folders} checkpoint folder(s) but none verifies" if folders else "holds no checkpoint folder"
+    return shorten(
+        f"{store.url(CHECKPOINTS_DIR)} {what} ({'; '.join(problems)}); "
+        "restore a good checkpoint or use a new output_dir to start over", 2000,
     )
+
+
+def _latest_step(store: Store) -> int | None:
+    """The step latest.json names, or None when it is absent or unreadable (logged)."""
+    try:
+        return LatestPointer.model_validate_json(store.get_bytes(LATEST_FILE)).step
+    except NotFound:
+        return None
+    except ValidationError:
+        log.warning("%s is unreadable; ignoring it, checkpoints are found by listing", store.url(LATEST_FILE))
+        return None
 
 
 def _verify(store: Store, step: int, files: dict[str, ObjectInfo], dest_dir: Path) -> Resumable:
@@ -409,10 +446,14 @@ def _verify(store: Store, step: int, files: dict[str, ObjectInfo], dest_dir: Pat
         raise _Invalid("; ".join(problems))
     local = dest_dir / step_dir_name(step)
     shutil.rmtree(local, ignore_errors=True)
+    if escaped := [name for name in manifest.files if not is_inside(local, local / name)]:
+        raise _Invalid(f"{shown(escaped[0])} would be written outside {local}")
     try:
         store.get_files([(f"{prefix}/{name}", local / name) for name in manifest.files])
     except NotFound as exc:
         raise _Invalid(f"a file vanished while downloading ({exc})") from exc
+    except UnsafePath as exc:
+        raise _Invalid(str(exc)) from exc
     for name, digest in manifest.files.items():
         if sha256_file(local / name) != digest.sha256:
             raise _Invalid(f"{name} does not match its sha256 in MANIFEST.json")

@@ -16,11 +16,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
 from lora_trainer import contract
-from lora_trainer.config import TrainConfig, load_config, parse_config
+from lora_trainer.config import TrainConfig, load_config, parse_config, parse_yaml
 from lora_trainer.errors import EXIT_FAILURE, EXIT_OK, ConfigError, TrainerError
+from lora_trainer.paths import shorten
 
 log = logging.getLogger("lora_trainer")
 
@@ -43,8 +42,8 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. --set max_train_steps=100")
-        out[key.strip()] = yaml.safe_load(value)
+            raise ConfigError(f"--set {shorten(repr(pair))}: expected key=value, e.g. --set max_train_steps=100")
+        out[key.strip()] = parse_yaml(value, f"--set {shorten(key.strip())}")
     return out
 
 
@@ -55,10 +54,7 @@ def resolve_config(path: str | None, overrides: dict[str, object]) -> TrainConfi
     raw = os.environ.get(contract.ENV_CONFIG)
     if not raw:
         raise ConfigError(f"no config: pass --config FILE or set {contract.ENV_CONFIG}")
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise ConfigError(f"{contract.ENV_CONFIG}: not valid JSON/YAML") from None
+    data = parse_yaml(raw, contract.ENV_CONFIG)
     if isinstance(data, dict):
         data.update(overrides)
     return parse_config(data, source=contract.ENV_CONFIG)

@@ -7,20 +7,33 @@ Choices where lora-scripts and the issue are silent:
 - `lora_alpha` defaults to `lora_rank` (scale 1.0), as the diffusers training scripts do.
 - `save_steps` unset means no intermediate checkpoints (a SIGTERM still commits one).
 - `keep_last: 0` keeps every checkpoint.
+- `caption_extension: txt` (no dot, as the CRD allows) means `.txt`; anything but a dot and
+  1-32 letters, digits, `_`, `-` or inner dots is refused.
+- s3:// URIs are normalised (`s3://b/a/./b//c` is `s3://b/a/b/c`), a `..` segment is refused;
+  `output_dir` may not overlap an input, `work_dir` may not overlap the output or an input
+  (compared lexically here, and again with symlinks resolved when the run starts).
+- YAML is read with a bounded SafeLoader: at most 1 MiB of text and 100,000 nodes once aliases
+  are expanded (an alias bomb is refused before any object is built); error messages echo
+  values cut to 200 characters.
+- `max_image_pixels` (default 100 MP): a bigger image makes the dataset unusable (exit 65);
+  one over a quarter of it is decoded with a warning about memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from lora_trainer.errors import ConfigError
+from lora_trainer.paths import SHOWN_CHARS, normalise_s3_uri, overlap_problem, s3_uri_problem, shorten
 
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -43,6 +56,12 @@ AccumSteps = Annotated[int, Field(ge=1, le=1024, description="Micro-batches per 
 LearningRate = Annotated[float, Field(gt=0, le=1, description="Peak learning rate for AdamW.")]
 Steps = Annotated[int, Field(ge=1, le=10_000_000)]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="Seed for every random choice in training.")]
+
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_YAML_NODES = 100_000  # counted with aliases expanded
+MAX_ERRORS_SHOWN = 10
+_CAPTION_EXT = re.compile(r"\.[A-Za-z0-9_-][A-Za-z0-9_.-]{0,31}")
 
 
 class _Model(BaseModel):
@@ -68,6 +87,20 @@ class S3Config(_Model):
     read_timeout: float = Field(30.0, gt=0, le=3600, description="Seconds to wait for a response.")
 
 
+def bounded_s3(s3: S3Config, retry_seconds: float) -> S3Config:
+    """S3 client settings whose worst case (attempts x timeouts) fits in half of `retry_seconds`.
+
+    The trainer retries a failing call until `storage_retry_seconds` have passed, but checks the
+    deadline only between calls; botocore's own retries and read timeouts run inside one call.
+    Bounding them keeps a store that accepts connections and never answers from holding the run
+    much past the deadline (5 s gives 1.25 s reads, 0.6 s connects, 1 attempt per call)."""
+    budget = retry_seconds / 2
+    read = min(s3.read_timeout, max(0.5, budget / 2))
+    connect = min(s3.connect_timeout, max(0.5, budget / 4))
+    attempts = max(1, min(s3.max_attempts, int(budget // (read + connect))))
+    return s3.model_copy(update={"read_timeout": read, "connect_timeout": connect, "max_attempts": attempts})
+
+
 class TrainConfig(_Model):
     """Everything one LoRA training run needs; `lora-train --config` reads it from YAML."""
 
@@ -81,7 +114,9 @@ class TrainConfig(_Model):
     metadata_path: str | None = Field(
         None, description="Captions CSV (file_name,text), relative to train_data_dir; default metadata.csv if present."
     )
-    caption_extension: str = Field(".txt", description="Sidecar caption extension when there is no metadata CSV.")
+    caption_extension: str = Field(
+        ".txt", description="Sidecar caption extension when there is no metadata CSV; `txt` means `.txt`."
+    )
     output_dir: str = Field(..., min_length=1, description="Where outputs go: local path, file://, or s3://.")
 
     resolution: Resolution = 512
@@ -123,6 +158,10 @@ class TrainConfig(_Model):
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.")
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise strength (0 disables).")
     seed: Seed = 42
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_IMAGE_PIXELS, ge=64 * 64, le=2_000_000_000,
+        description="Largest image (width x height) the dataset may hold; a bigger one stops the run (exit 65).",
+    )
 
     save_steps: Steps | None = Field(None, description="Commit a resumable checkpoint every N steps.")
     keep_last: int = Field(3, ge=0, le=10_000, description="Committed checkpoints to keep; 0 keeps all.")
@@ -142,8 +181,25 @@ class TrainConfig(_Model):
         False, description="Resume even if training-defining fields changed since the checkpoint (dangerous)."
     )
 
+    @field_validator("base_model", "train_data_dir", "output_dir")
+    @classmethod
+    def _clean_uri(cls, value: str) -> str:
+        if problem := s3_uri_problem(value):
+            raise ValueError(problem)
+        return normalise_s3_uri(value)
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _dotted_extension(cls, value: str) -> str:
+        ext = value if value.startswith(".") else f".{value}"
+        if not _CAPTION_EXT.fullmatch(ext) or ext.endswith("."):
+            raise ValueError("write a file extension such as .txt or .caption")
+        return ext
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if problem := next(iter(place_problems(self)), None):
+            raise ValueError(problem)
         if self.epochs is None and self.max_train_steps is None:
             raise ValueError("set epochs or max_train_steps (e.g. max_train_steps: 1000)")
         if self.lr_warmup_steps and self.max_train_steps and self.lr_warmup_steps > self.max_train_steps:
@@ -156,6 +212,19 @@ class TrainConfig(_Model):
     def alpha(self) -> float:
         """The effective LoRA alpha (defaults to the rank)."""
         return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+
+def place_problems(config: TrainConfig, resolve: bool = False) -> list[str]:
+    """Overlaps of output_dir with an input and of work_dir with the output or an input.
+
+    Lexical unless `resolve` (then symlinks count too: the trainer checks again at start)."""
+    pairs = [("output_dir", config.output_dir, name, value)
+             for name, value in (("train_data_dir", config.train_data_dir), ("base_model", config.base_model))]
+    if config.work_dir:
+        pairs += [("work_dir", config.work_dir, name, value) for name, value in (
+            ("output_dir", config.output_dir), ("train_data_dir", config.train_data_dir),
+            ("base_model", config.base_model))]
+    return [p for args in pairs if (p := overlap_problem(*args, resolve=resolve))]
 
 
 # Fields whose change makes a resumed run train something else; output/infra fields are not here.
@@ -186,16 +255,93 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(name for name in set(old) | set(new) if old.get(name) != new.get(name))
 
 
+_short_repr = reprlib.Repr()
+_short_repr.maxlevel, _short_repr.maxdict, _short_repr.maxlist = 3, 4, 6
+_short_repr.maxtuple, _short_repr.maxset, _short_repr.maxlong = 6, 6, 60
+_short_repr.maxstring = _short_repr.maxother = 40
+
+
+def short_repr(value: Any) -> str:
+    """repr of a value from a config, bounded: a huge or deeply aliased value never expands whole."""
+    if isinstance(value, str):
+        return shorten(repr(value[: SHOWN_CHARS + 1]))
+    return shorten(_short_repr.repr(value))
+
+
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """One line per problem: `field: message (got value)`, joined by '; '."""
+    """One line per problem (at most 10): `field: message (got value)`, joined by '; '."""
     parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    errors = exc.errors()
+    for err in errors[:MAX_ERRORS_SHOWN]:
+        loc = shorten(".".join(str(p) for p in err["loc"]))
         got = err.get("input")
-        shown = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{prefix}{loc}: {msg}{shown}")
+        shown = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {short_repr(got)})"
+        msg = shorten(err["msg"].removeprefix("Value error, "), 2 * SHOWN_CHARS)
+        parts.append(f"{prefix}{loc}: {msg}{shown}" if loc else f"{prefix}{msg}")
+    if len(errors) > MAX_ERRORS_SHOWN:
+        parts.append(f"and {len(errors) - MAX_ERRORS_SHOWN} more problems")
     return "; ".join(parts)
+
+
+class YamlTooBig(yaml.YAMLError):
+    """A YAML document over the size or expanded-node limits."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader whose documents are checked for expanded size before any object is built."""
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes in `node` once every alias is expanded; a cycle counts as too many."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = MAX_YAML_NODES + 1  # seen again before finished: a recursive structure
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            total += _expanded_nodes(child, memo)
+            if total > MAX_YAML_NODES:
+                break
+    elif isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            total += _expanded_nodes(k, memo) + _expanded_nodes(v, memo)
+            if total > MAX_YAML_NODES:
+                break
+    memo[key] = total
+    return total
+
+
+def load_yaml(text: str) -> Any:
+    """Parse one YAML document safely, refusing (YamlTooBig) more than 1 MiB or 100,000 nodes."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise YamlTooBig(f"{len(text)} characters, over the {MAX_CONFIG_BYTES} limit")
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, {}) > MAX_YAML_NODES:
+            raise YamlTooBig(
+                f"over {MAX_YAML_NODES} values once aliases (*name) are expanded, or a recursive alias"
+            )
+        return loader.construct_document(node)
+    except RecursionError:
+        raise YamlTooBig("nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """`load_yaml` with every failure as a one-line ConfigError naming `source`."""
+    try:
+        return load_yaml(text)
+    except YamlTooBig as exc:
+        raise ConfigError(f"{source}: YAML refused, {exc}; a config needs a few dozen plain settings") from None
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{source}: not valid YAML{where}; fix the syntax") from None
 
 
 def parse_config(data: Any, source: str = "config") -> TrainConfig:
@@ -212,15 +358,15 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
     """Read a YAML config file (snake_case or camelCase keys) and apply CLI overrides."""
     p = Path(path)
     try:
-        text = p.read_text()
+        with p.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config file ({exc.strerror}); check the --config path") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" at line {line + 1}" if line is not None else ""
-        raise ConfigError(f"{p}: not valid YAML{where}; fix the syntax") from None
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text; save the config as UTF-8") from None
+    data = parse_yaml(text, str(p))
     data = dict(data) if isinstance(data, dict) else data
     if overrides and isinstance(data, dict):
         data.update(overrides)

@@ -1,7 +1,16 @@
 """Datasets: scan a folder of captioned images, check it before training, and serve exact batches.
 
 Captions come from `metadata.csv` (columns file_name,text) when present, else same-stem sidecar
-files (`.txt` by default). Every random choice (epoch order, crop offset, flip) is derived from
+files (`.txt` by default).
+
+Hostile or broken datasets stop the run with DatasetError (exit 65) and one line naming the file:
+an image, caption or CSV that is a symlink out of the dataset folder, or a metadata_path that
+resolves outside it; a CSV that is not UTF-8 (a UTF-8 BOM is fine), has a field over 131072
+characters, or names one file_name twice (ambiguous captions: remove the duplicate row); a sidecar
+caption over 131072 characters or not UTF-8; an image over `max_image_pixels` (width x height,
+default 100 MP: raise it in the config if you mean it). An image over a quarter of the cap is
+used with a warning (decoding it takes about 3 bytes a pixel, several times over while resizing).
+An image that does not decode is skipped with a warning, as before. Every random choice (epoch order, crop offset, flip) is derived from
 (seed, epoch, index), so a resumed run sees exactly the samples an uninterrupted one would.
 """
 
@@ -10,19 +19,23 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from lora_trainer.config import DEFAULT_MAX_IMAGE_PIXELS
 from lora_trainer.errors import DatasetError, InputMissing
+from lora_trainer.paths import is_inside, shorten
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_METADATA = "metadata.csv"
+MAX_CAPTION_CHARS = 131072  # csv's own field limit; a CLIP tokenizer keeps 77 tokens anyway
 
 
 @dataclass(frozen=True)
@@ -47,52 +60,137 @@ class DatasetReport:
         return "\n".join([head, *(f"  - {w}" for w in self.warnings)])
 
 
+def _require_inside(data_dir: Path, path: Path, what: str) -> None:
+    if not is_inside(data_dir, path):
+        raise DatasetError(
+            f"train_data_dir: {what} {shorten(path.name)} resolves to {shorten(str(path.resolve()))}, outside "
+            f"the dataset folder {shorten(str(data_dir))}; copy the file into the folder instead of linking it"
+        )
+
+
 def list_images(data_dir: Path) -> list[Path]:
-    """Image files directly in data_dir, sorted by name so every node sees the same order."""
-    return sorted(p for p in data_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files directly in data_dir, sorted by name so every node sees the same order.
+
+    A symlink that leads out of data_dir is a DatasetError."""
+    images = sorted(p for p in data_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    for image in images:
+        _require_inside(data_dir, image, "image")
+    return images
+
+
+def _read_csv(csv_path: Path) -> dict[str, str]:
+    shown = shorten(csv_path.name)
+    captions: dict[str, str] = {}
+    rows: dict[str, int] = {}
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"file_name", "text"} - set(reader.fieldnames or [])
+            if missing:
+                raise DatasetError(
+                    f"{shown}: missing column(s) {', '.join(sorted(missing))}; the header must be file_name,text"
+                )
+            for row in reader:
+                name = row.get("file_name")
+                if not name:
+                    continue
+                if name in rows:
+                    raise DatasetError(
+                        f"{shown}: file_name {shorten(repr(name))} appears on lines {rows[name]} and "
+                        f"{reader.line_num}; keep one caption per image"
+                    )
+                rows[name] = reader.line_num
+                captions[name] = (row.get("text") or "").strip()
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{shown}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except csv.Error as exc:
+        raise DatasetError(
+            f"{shown}: unreadable CSV ({shorten(str(exc))}); captions may be at most {MAX_CAPTION_CHARS} characters"
+        ) from None
+    return captions
+
+
+def _read_sidecar(data_dir: Path, sidecar: Path) -> str:
+    _require_inside(data_dir, sidecar, "caption")
+    with sidecar.open("rb") as fh:
+        raw = fh.read(MAX_CAPTION_CHARS * 4 + 1)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{shorten(sidecar.name)}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    if len(text) > MAX_CAPTION_CHARS:
+        raise DatasetError(
+            f"{shorten(sidecar.name)}: caption longer than {MAX_CAPTION_CHARS} characters; shorten it"
+        )
+    return text.strip()
 
 
 def read_captions(data_dir: Path, metadata_path: str | None, caption_extension: str) -> dict[str, str]:
     """Captions by image file name, from the metadata CSV or from sidecar files."""
     csv_path = data_dir / (metadata_path or DEFAULT_METADATA)
+    if metadata_path and not is_inside(data_dir, csv_path):
+        raise DatasetError(
+            f"metadata_path: {shorten(metadata_path)} resolves outside the dataset folder {shorten(str(data_dir))}; "
+            "put the captions CSV in that folder and give its name"
+        )
     if metadata_path and not csv_path.is_file():
-        raise DatasetError(f"metadata_path: {csv_path} does not exist; fix the path or remove the setting")
+        raise DatasetError(f"metadata_path: {shorten(str(csv_path))} does not exist; fix the path or remove the setting")
     if csv_path.is_file():
-        with csv_path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            missing = {"file_name", "text"} - set(reader.fieldnames or [])
-            if missing:
-                raise DatasetError(
-                    f"{csv_path.name}: missing column(s) {', '.join(sorted(missing))}; "
-                    "the header must be file_name,text"
-                )
-            return {row["file_name"]: (row["text"] or "").strip() for row in reader if row.get("file_name")}
+        _require_inside(data_dir, csv_path, "captions CSV")
+        return _read_csv(csv_path)
     captions = {}
     for image in list_images(data_dir):
         sidecar = image.with_suffix(caption_extension)
         if sidecar.is_file():
-            captions[image.name] = sidecar.read_text(encoding="utf-8").strip()
+            captions[image.name] = _read_sidecar(data_dir, sidecar)
     return captions
 
 
+def image_size(image: Path, max_pixels: int) -> tuple[int, int]:
+    """Width and height of a decodable image; DatasetError if over `max_pixels`; PIL's errors else."""
+    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL refuses (at twice this) before reading any pixel data
+    too_big = (
+        f"train_data_dir: {shorten(image.name)} is over max_image_pixels ({max_pixels}); "
+        "shrink it, remove it, or raise max_image_pixels"
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(image) as im:
+                width, height = im.size
+                if width * height > max_pixels:
+                    raise DatasetError(too_big.replace(" is over", f" ({width}x{height}) is over"))
+                im.verify()
+            with Image.open(image) as im:
+                im.load()
+    except Image.DecompressionBombError:
+        raise DatasetError(too_big) from None
+    return width, height
+
+
 def check_dataset(
-    data_dir: Path, resolution: int, metadata_path: str | None = None, caption_extension: str = ".txt"
+    data_dir: Path, resolution: int, metadata_path: str | None = None, caption_extension: str = ".txt",
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> DatasetReport:
-    """Check every image before training: unreadable, uncaptioned, too small; empty is fatal."""
+    """Check every image before training: unreadable, uncaptioned, too small or big; empty is fatal."""
     if not data_dir.is_dir():
         raise InputMissing(f"train_data_dir: {data_dir} is not a folder; point it at your images")
     report = DatasetReport()
     captions = read_captions(data_dir, metadata_path, caption_extension)
     for image in list_images(data_dir):
         try:
-            with Image.open(image) as im:
-                im.verify()
-            with Image.open(image) as im:
-                width, height = im.size
-                im.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            report.warnings.append(f"{image.name}: unreadable image, skipped ({type(exc).__name__})")
+            width, height = image_size(image, max_image_pixels)
+        except DatasetError:
+            raise
+        except Exception as exc:
+            # Corrupt files make PIL raise nearly anything (struct.error, IndexError...): all mean unreadable.
+            report.warnings.append(f"{shorten(image.name)}: unreadable image, skipped ({type(exc).__name__})")
             continue
+        if width * height > max_image_pixels // 4:
+            report.warnings.append(
+                f"{shorten(image.name)}: {width}x{height} is large; decoding it takes about "
+                f"{width * height * 3 // 2**20} MiB each time it is loaded (max_image_pixels {max_image_pixels})"
+            )
         caption = captions.get(image.name, "")
         if not caption:
             report.warnings.append(f"{image.name}: no caption, skipped (add it to metadata.csv or a .txt file)")

@@ -2,13 +2,16 @@
 
     TrainerError                 exit 1   a failure; the operator retries it against backoffLimit
     ├── StorageUnavailable       exit 3   the object store stayed down past the retries (retryable)
+    │   └── StorageRejected      exit 77  the store refused us for good: no such bucket, bad
+    │                                     credentials (EX_NOPERM; in lora_trainer.storage; never
+    │                                     retried by the trainer nor by the operator)
     ├── Preempted                exit 75  stopped on SIGTERM after committing a checkpoint
     └── UserError                         bad input: never retried (64-78 other than 75)
         ├── ConfigError          exit 78  a config field is wrong (EX_CONFIG)
         ├── DatasetError         exit 65  the dataset cannot be trained on (EX_DATAERR)
         ├── InputMissing         exit 66  base model or dataset not found (EX_NOINPUT)
-        ├── ResumeRefused        exit 65  checkpoints exist but none verify, or they were made
-        │                                 with a config that changes training
+        ├── ResumeRefused        exit 65  checkpoints exist but none is usable (verifies and
+        │                                 loads), or they were made with a config that changes training
         └── StaleAttempt         exit 73  a newer attempt owns the output (fencing, EX_CANTCREAT)
 
 Every error carries a `reason` (CamelCase, goes to the termination message and the job status)
@@ -23,6 +26,7 @@ EXIT_STORAGE = 3
 EXIT_DATAERR = 65
 EXIT_NOINPUT = 66
 EXIT_CANTCREAT = 73
+EXIT_NOPERM = 77
 EXIT_PREEMPTED = 75
 EXIT_CONFIG = 78
 

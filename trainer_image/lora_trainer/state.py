@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
 from lora_trainer.errors import ResumeRefused
+from lora_trainer.paths import shorten
 
 UNET_WEIGHTS = "lora_unet.safetensors"
 TEXT_ENCODER_WEIGHTS = "lora_text_encoder.safetensors"
@@ -34,14 +35,27 @@ RNG_META = "rng.json"
 TRAINER_STATE = "trainer_state.json"
 
 
+class StateInvalid(Exception):
+    """A checkpoint's state verified against its manifest but cannot be loaded (or makes no sense)."""
+
+
 class TrainerState(BaseModel):
     """Where training stands: the optimizer step and the data position after it."""
 
-    step: int = 0
-    epoch: int = 0
-    index: int = 0
-    attempt: int = 0
+    step: int = Field(0, ge=0, lt=10**9)
+    epoch: int = Field(0, ge=0)
+    index: int = Field(0, ge=0)
+    attempt: int = Field(0, ge=0)
     config_hash: str = ""
+
+
+def state_problem(state: TrainerState, folder_step: int, total_steps: int) -> str | None:
+    """Why a loaded trainer state cannot be resumed from (its step is impossible), or None."""
+    if state.step != folder_step:
+        return f"trainer_state.json says step {state.step}, the folder is step {folder_step}"
+    if state.step > total_steps:
+        return f"step {state.step} is beyond this run's {total_steps} steps"
+    return None
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -166,7 +180,27 @@ def load_state(
     lr_scheduler: Any,
     scaler: torch.amp.GradScaler | None,
 ) -> TrainerState:
-    """Restore what `save_state` wrote; returns the trainer state (step, data position)."""
+    """Restore what `save_state` wrote; returns the trainer state (step, data position).
+
+    Any failure (a missing or malformed file, shapes that do not fit) raises StateInvalid with a
+    one-line reason; the state is then partly loaded, and the caller loads another one over it."""
+    try:
+        return _load_state(folder, unet, text_encoder, optimizer, lr_scheduler, scaler)
+    except ResumeRefused as exc:
+        raise StateInvalid(exc.message) from exc
+    except Exception as exc:  # corrupt content that matched its manifest: safetensors, JSON, torch errors
+        raise StateInvalid(shorten(f"{type(exc).__name__}: {exc}", 300)) from exc
+
+
+def _load_state(
+    folder: Path,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+) -> TrainerState:
+    trainer_state = TrainerState.model_validate(_read_json(folder / TRAINER_STATE))  # cheapest check first
     load_weights(unet, folder / UNET_WEIGHTS)
     if text_encoder is not None:
         if not (folder / TEXT_ENCODER_WEIGHTS).is_file():
@@ -178,4 +212,4 @@ def load_state(
     if scaler is not None and scaler_state:
         scaler.load_state_dict(scaler_state)
     load_rng(folder)
-    return TrainerState.model_validate(_read_json(folder / TRAINER_STATE))
+    return trainer_state

@@ -27,7 +27,8 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from lora_trainer.config import S3Config
-from lora_trainer.errors import ConfigError, StorageUnavailable, TrainerError
+from lora_trainer.errors import EXIT_NOPERM, ConfigError, StorageUnavailable, TrainerError, UserError
+from lora_trainer.paths import UnsafePath, is_inside, name_problem, normalise_name, s3_uri_problem, shown
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,11 @@ class NotFound(TrainerError):
 
 
 class StorageRejected(StorageUnavailable):
-    """The store answered but will refuse this request on every retry (credentials, bucket)."""
+    """The store answered but will refuse this request on every retry (credentials, bucket).
 
+    Exit 77 (EX_NOPERM): a permanent error, so the operator fails the job instead of retrying."""
+
+    exit_code = EXIT_NOPERM
     reason = "StorageRejected"
 
 
@@ -85,7 +89,9 @@ def parse_uri(uri: str) -> Location:
     if parts.scheme == "s3":
         if not parts.netloc:
             raise ConfigError(f"{uri}: no bucket; write s3://bucket/prefix")
-        return Location(uri=uri, bucket=parts.netloc, prefix=parts.path.strip("/"))
+        if problem := s3_uri_problem(uri):
+            raise ConfigError(problem)
+        return Location(uri=uri, bucket=parts.netloc, prefix=normalise_name(parts.path))
     raise ConfigError(f"{uri}: unsupported scheme {parts.scheme!r}; use a local path, file:// or s3://bucket/prefix")
 
 
@@ -181,9 +187,13 @@ class LocalStore(Store):
         self.uri = uri or str(root)
 
     def _path(self, key: str) -> Path:
-        if key.startswith("/") or ".." in key.split("/"):
-            raise ValueError(f"{key!r}: keys are relative paths without '..'")
-        return self.root / key
+        """The file for `key`; UnsafePath if the key or a symlink on its way leads outside the root."""
+        if problem := name_problem(key):
+            raise UnsafePath(f"{self.uri}: key {shown(key)} {problem}")
+        path = self.root / key
+        if not is_inside(self.root, path):
+            raise UnsafePath(f"{self.uri}: key {shown(key)} leads outside the folder through a symlink")
+        return path
 
     def _write(self, key: str, write: Any) -> str:
         dest = self._path(key)
@@ -404,8 +414,8 @@ def open_store(uri: str, s3: S3Config) -> Store:
     return S3Store(loc.bucket, loc.prefix, s3)
 
 
-def fetch_tree(uri: str, cache_dir: Path | str, s3: S3Config) -> Path:
+def fetch_tree(uri: str, cache_dir: Path | str, s3: S3Config, refuse: type[UserError] | None = None) -> Path:
     """A local folder holding the tree at `uri` (see `lora_trainer.fetch`, where it lives)."""
     from lora_trainer.fetch import fetch_tree as fetch  # deferred: fetch builds on this module
 
-    return fetch(uri, cache_dir, s3)
+    return fetch(uri, cache_dir, s3) if refuse is None else fetch(uri, cache_dir, s3, refuse)

@@ -14,25 +14,35 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lora_trainer import checkpoint, contract, state
-from lora_trainer.config import TrainConfig, config_hash, dump_config, training_fields
+from lora_trainer.config import (
+    TrainConfig,
+    bounded_s3,
+    config_hash,
+    dump_config,
+    place_problems,
+    training_fields,
+)
 from lora_trainer.contract import Progress
 from lora_trainer.data import BatchStream, Position, check_dataset
-from lora_trainer.errors import ConfigError, DatasetError, InputMissing, Preempted
+from lora_trainer.errors import ConfigError, DatasetError, InputMissing, Preempted, ResumeRefused, UserError
 from lora_trainer.export import save_diffusers_lora, save_kohya_lora
 from lora_trainer.model import Components, add_lora, load_components
+from lora_trainer.paths import shorten
 from lora_trainer.progress import ProgressReporter
 from lora_trainer.signals import StopFlag
 from lora_trainer.steps import make_lr_scheduler, make_optimizer, total_steps, train_step
-from lora_trainer.storage import Store, fetch_tree, open_store
+from lora_trainer.storage import Store, fetch_tree, open_store, parse_uri
 from lora_trainer.storeproc import StoreProcess, commit_checkpoint, open_upload_store
 from lora_trainer.tblog import RunLogs
 from lora_trainer.uploader import BackgroundUploader, retry_storage
+from lora_trainer.workdir import prepare_work_dir
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +89,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, stop: StopFlag | None = None):
         self.config = config
         self.stop = stop or StopFlag()
-        self.store = open_store(config.output_dir, config.s3)
+        self.s3 = bounded_s3(config.s3, config.storage_retry_seconds)  # no call outlives the deadline much
+        self.store = open_store(config.output_dir, self.s3)
         self.scratch = scratch_root(config)
         self.hash = config_hash(config)
         self.fields = training_fields(config)
@@ -88,26 +99,40 @@ class Trainer:
         """Start-up storage calls ride out a flaky store like background uploads do."""
         return retry_storage(label, fn, self.config.storage_retry_seconds)
 
-    def _fetch(self, field_name: str, uri: str, cache: Path) -> Path:
+    def _fetch(self, field_name: str, uri: str, cache: Path, refuse: type[UserError]) -> Path:
         try:
-            return self._retrying(f"fetching {field_name}", lambda: fetch_tree(uri, cache, self.config.s3))
-        except InputMissing as exc:
-            raise InputMissing(f"{field_name}: {exc.message}") from None
+            return self._retrying(f"fetching {field_name}", lambda: fetch_tree(uri, cache, self.s3, refuse))
+        except (InputMissing, DatasetError) as exc:
+            raise type(exc)(f"{field_name}: {exc.message}") from None
+
+    def _check_places(self) -> None:
+        """Outputs apart from inputs (symlinks resolved), and output_dir a folder or creatable."""
+        if problems := place_problems(self.config, resolve=True):
+            raise ConfigError(problems[0])
+        out = parse_uri(self.config.output_dir).path
+        if out is None:
+            return
+        existing = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
+        if not existing.is_dir():
+            raise ConfigError(
+                f"output_dir: {shorten(str(existing))} is a file, not a folder; "
+                "point output_dir at a new or existing folder"
+            )
 
     def _prepare(self) -> tuple[Components, list, BatchStream, int]:
         # Inputs live in the cache, not under work_dir: a pod's root filesystem is read-only and
         # only the cache (an emptyDir) is writable; a second attempt on the node reuses them.
         cache = cache_root(self.config) / "inputs"
-        model_dir = self._fetch("base_model", self.config.base_model, cache)
-        data_dir = self._fetch("train_data_dir", self.config.train_data_dir, cache)
-        report = check_dataset(data_dir, self.config.resolution, self.config.metadata_path, self.config.caption_extension)
+        model_dir = self._fetch("base_model", self.config.base_model, cache, InputMissing)
+        data_dir = self._fetch("train_data_dir", self.config.train_data_dir, cache, DatasetError)
+        c = self.config
+        report = check_dataset(data_dir, c.resolution, c.metadata_path, c.caption_extension, c.max_image_pixels)
         if report.warnings:
             log.warning(report.summary())
         if report.fatal:
             raise DatasetError(report.fatal)
         parts = load_components(model_dir, self.config)
         params = add_lora(parts, self.config)
-        c = self.config
         stream = BatchStream(report.samples, c.resolution, c.center_crop, c.random_flip, c.seed)
         return parts, params, stream, total_steps(c, len(report.samples))
 
@@ -115,7 +140,8 @@ class Trainer:
         """Train to the end (or until stopped) and return what was done."""
         # Background uploads go through their own store (for S3, a child process: see storeproc);
         # started first so its start-up overlaps loading the model.
-        uploads = open_upload_store(self.config.output_dir, self.config.s3)
+        self._check_places()  # before anything is created, deleted or started
+        uploads = open_upload_store(self.config.output_dir, self.s3)
         try:
             return self._run(uploads)
         finally:
@@ -124,9 +150,8 @@ class Trainer:
 
     def _run(self, uploads: Store) -> RunResult:
         c = self.config
-        if self.scratch.exists():
-            shutil.rmtree(self.scratch)  # stale scratch from a killed attempt is never trusted
-        self.scratch.mkdir(parents=True)
+        # Stale scratch from a killed attempt is never trusted; a folder that is not ours is refused.
+        prepare_work_dir(self.scratch, "work_dir" if c.work_dir else "cache_dir")
         torch.manual_seed(c.seed)
         parts, params, stream, steps = self._prepare()  # bad inputs fail before the output is touched
         attempt = self._retrying("resolving the attempt", lambda: resolve_attempt(self.store))
@@ -138,12 +163,12 @@ class Trainer:
         te = parts.text_encoder if c.train_text_encoder else None
 
         step, resumed_from = 0, None
-        resumable = self._retrying(
-            "looking for checkpoints", lambda: checkpoint.find_resumable(self.store, self.scratch / "resume")
+        resumed = self._retrying(
+            "looking for checkpoints",
+            lambda: self._resume(lambda folder: state.load_state(folder, parts.unet, te, optimizer, lr_scheduler, scaler), steps),
         )
-        if resumable is not None:
-            checkpoint.check_compatible(resumable.manifest, self.fields, allow=c.allow_config_change)
-            ts = state.load_state(resumable.path, parts.unet, te, optimizer, lr_scheduler, scaler)
+        if resumed is not None:
+            resumable, ts = resumed
             step, resumed_from = ts.step, ts.step
             stream.position = Position(ts.epoch, ts.index)
             log.info("attempt %d: resumed from step %d (checkpoint of attempt %d)", attempt, step, resumable.attempt)
@@ -219,6 +244,29 @@ class Trainer:
                 uploader.close(timeout=0)
         result.step = step
         return result
+
+    def _resume(
+        self, load: Callable[[Path], state.TrainerState], steps: int
+    ) -> tuple[checkpoint.Resumable, state.TrainerState] | None:
+        """Load the newest checkpoint that verifies and loads; None if there are none at all.
+
+        A state that fails to load, or names an impossible step, is skipped for the previous one
+        (logged); ResumeRefused when checkpoints exist but none is usable."""
+        problems: list[str] = []
+        for found in checkpoint.resumable_checkpoints(self.store, self.scratch / "resume", problems):
+            checkpoint.check_compatible(found.manifest, self.fields, allow=self.config.allow_config_change)
+            try:
+                ts = load(found.path)
+            except state.StateInvalid as exc:
+                why = f"its state does not load ({exc})"
+            else:
+                if (why := state.state_problem(ts, found.step, steps)) is None:
+                    return found, ts
+            log.warning("checkpoint step %d is not usable: %s; trying the previous one", found.step, why)
+            problems.append(f"step {found.step}: {why}")
+        if problems:
+            raise ResumeRefused(checkpoint.refusal(self.store, problems))
+        return None
 
     def _preempt(self, step, last_committed, snapshot, progress, uploader, reporter) -> None:
         """Commit a checkpoint at `step` within the grace budget, then raise Preempted."""
