@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from lora_operator.status import clean_reason
-from lora_trainer.errors import EXIT_OK, EXIT_PREEMPTED
+from lora_trainer.errors import EXIT_NOPERM, EXIT_OK, EXIT_PREEMPTED
 
 ATTEMPT_LABEL = "lora-operator.dev/attempt"
 JOB_LABEL = "lora-operator.dev/job"
@@ -24,7 +24,7 @@ TRAINER_CONTAINER = "trainer"
 MAX_MESSAGE = 600
 # The contract's exit 77 (EX_NOPERM): the store refused the trainer permanently (no such bucket,
 # bad credentials). Like every 64-78 code but 75 it is not retried; it gets a reason of its own.
-EXIT_STORAGE_REJECTED = 77
+EXIT_STORAGE_REJECTED = EXIT_NOPERM
 
 
 class Reason:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +24,7 @@ from lora_operator.progress import ProgressUnavailable, credentials_from_secret,
 from lora_operator.reconcile import CreatePod, Decision, DeletePod, Observed, pod_rejected, reconcile
 from lora_operator.settings import Settings, peering_priority
 from lora_operator.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
-from lora_operator.status import TERMINAL_PHASES, merge_patch
+from lora_operator.status import TERMINAL_PHASES, bound_status, merge_patch, rejected_status
 
 ERROR_DELAY = 5.0  # seconds before a loop retries after the API or the store failed
 WAKE_HANDLERS = ("job_event", "pod_event")
@@ -41,6 +41,11 @@ class QuietWakeups(logging.Filter):
                     and any(f".{name}'" in message for name in WAKE_HANDLERS))
 
 
+def post_event(job: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    """Post a Kubernetes Event about the job through Kopf (it cuts messages to 1024 characters)."""
+    kopf.event(job, type=type_, reason=reason, message=message)
+
+
 @dataclass
 class Memo:
     """What every handler of one operator shares (kopf passes it as `memo`)."""
@@ -48,6 +53,7 @@ class Memo:
     settings: Settings
     kube: k.Kube
     wakeups: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
+    events: Callable[[Mapping[str, Any], str, str, str], None] = post_event
 
     def wake(self, namespace: str, name: str) -> None:
         """Make the job's loop run now rather than at its next tick."""
@@ -108,9 +114,65 @@ async def _observe(memo: Memo, job: dict[str, Any]) -> tuple[Observed, str]:
     return Observed(job=job, pods=pods, now=now, progress=progress, latest=latest, nodes_ready=nodes), problem
 
 
+class StatusRefused(k.KubeError):
+    """The API refused both the job's status and the short one written in its place."""
+
+
+def _refused(exc: k.KubeError) -> bool:
+    # 422/400: a field the schema refuses; 413: the object grew past the API server's limit.
+    return isinstance(exc, k.Invalid) or exc.status == 413
+
+
+@dataclass
+class _LoopState:
+    """Per-loop log de-duplication only; losing it on restart costs one repeated log line."""
+
+    progress_problem: str = ""
+    status_problem: str = ""
+
+
+async def _write_status(memo: Memo, job: dict[str, Any], decision: Decision, now: datetime,
+                        logger: logging.Logger | kopf.Logger, loop: _LoopState) -> None:
+    """Write the decision's status; if the API refuses it, write the short `rejected_status`
+    (condition StatusRejected) instead, logging the refusal once. StatusRefused if both fail."""
+    meta, old = job["metadata"], job.get("status") or {}
+    ns, name = meta["namespace"], meta["name"]
+    patch = merge_patch(old, decision.status)
+    if not patch:
+        return
+    try:
+        await memo.kube.patch_job_status(ns, name, patch)
+        loop.status_problem = ""
+        return
+    except k.KubeError as exc:
+        if not _refused(exc):
+            raise
+        problem = str(exc)
+    if problem != loop.status_problem:
+        logger.error("attempt %s: the API server refused the job's status; writing a short one with the "
+                     "condition StatusRejected: %s", decision.status.get("attempt"), problem[:2000])
+    loop.status_problem = problem
+    short = rejected_status(decision.status, old, problem, now, meta.get("generation"))
+    decision.status = short
+    patch = merge_patch(old, short)
+    if not patch:
+        return  # the same short status as last pass: already stored
+    try:
+        await memo.kube.patch_job_status(ns, name, patch)
+    except k.KubeError as exc:
+        if not _refused(exc):
+            raise
+        raise StatusRefused(f"the API server refused the short status too: {str(exc)[:2000]}", exc.status) from exc
+
+
 async def _apply(memo: Memo, job: dict[str, Any], obs: Observed, decision: Decision,
-                 logger: logging.Logger | kopf.Logger) -> Decision:
-    """Do the actions in order, post the events, then write the status (only if it changed)."""
+                 logger: logging.Logger | kopf.Logger, loop: _LoopState | None = None) -> Decision:
+    """Do the actions in order, write the status (only if it changed), then post the events.
+
+    Events go last, once the status that records their transition is stored: a pass whose
+    status write fails posts none, so the next pass (which decides the same again) does not
+    post them twice."""
+    loop = loop or _LoopState()
     ns = job["metadata"]["namespace"]
     for action in decision.actions:
         if isinstance(action, CreatePod):
@@ -123,22 +185,14 @@ async def _apply(memo: Memo, job: dict[str, Any], obs: Observed, decision: Decis
                 break
         elif isinstance(action, DeletePod):
             await memo.kube.delete_pod(ns, action.name, action.grace_seconds)
+    decision.status = bound_status(decision.status)
+    await _write_status(memo, job, decision, obs.now, logger, loop)
     attempt = decision.status.get("attempt")
     for ev in decision.events:
-        kopf.event(job, type=ev.type, reason=ev.reason, message=ev.message)
+        memo.events(job, ev.type, ev.reason, ev.message)
         log = logger.warning if ev.type == "Warning" else logger.info
         log("attempt %s: %s: %s", attempt, ev.reason, ev.message)
-    patch = merge_patch(job.get("status") or {}, decision.status)
-    if patch:
-        await memo.kube.patch_job_status(ns, job["metadata"]["name"], patch)
     return decision
-
-
-@dataclass
-class _LoopState:
-    """Per-loop log de-duplication only; losing it on restart costs one repeated log line."""
-
-    progress_problem: str = ""
 
 
 async def reconcile_job(memo: Memo, namespace: str, name: str, logger: logging.Logger | kopf.Logger,
@@ -152,7 +206,7 @@ async def reconcile_job(memo: Memo, namespace: str, name: str, logger: logging.L
     if problem and problem != loop.progress_problem:
         logger.warning("attempt %s: progress not read: %s", (job.get("status") or {}).get("attempt"), problem)
     loop.progress_problem = problem
-    decision = await _apply(memo, job, obs, reconcile(obs, memo.settings), logger)
+    decision = await _apply(memo, job, obs, reconcile(obs, memo.settings), logger, loop)
     if decision.status.get("phase") in TERMINAL_PHASES:
         return None
     interval = memo.settings.progress_interval
@@ -183,6 +237,9 @@ async def job_loop(memo: Memo, namespace: str, name: str, stopped: kopf.DaemonSt
             wake.clear()
             try:
                 delay = await reconcile_job(memo, namespace, name, logger, state)
+            except StatusRefused as exc:  # logged once in _write_status; no events were posted
+                logger.debug("status refused, retrying in %ss: %s", ERROR_DELAY, exc)
+                delay = ERROR_DELAY
             except k.KubeError as exc:
                 logger.warning("reconcile failed, retrying in %ss: %s", ERROR_DELAY, exc)
                 delay = ERROR_DELAY
