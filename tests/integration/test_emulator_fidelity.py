@@ -25,6 +25,7 @@ Each row is a behaviour plain kmock 0.8 lacks; every test runs on both targets o
 | finalizers hold an object with deletionTimestamp until removed             | test_finalizers_hold_deletion           |
 | a bound pod's graceful delete waits for the kubelet's grace-0 delete       | test_graceful_pod_deletion              |
 | CRD schema violations → 422 Invalid naming the fields                      | test_schema_violations_are_invalid      |
+| /status writes: schema-checked (422 naming status.<field>), unknowns pruned| test_status_writes_are_validated        |
 | CRD defaults (nested), pruning, preserve-unknown-fields, int-or-string     | test_defaults_and_pruning               |
 | defaults re-applied on update                                              | test_defaults_applied_on_update         |
 | a registered CRD is served and discoverable, with its status subresource   | test_crd_is_discoverable                |
@@ -81,6 +82,7 @@ CRD: dict[str, Any] = {
                 }},
                 "status": {"type": "object", "properties": {
                     "phase": {"type": "string"}, "step": {"type": "integer"},
+                    "reason": {"type": "string", "maxLength": 16},
                 }},
             }}},
         }],
@@ -506,3 +508,21 @@ def test_server_side_printing_tables(client, custom, ns):
         (row,) = [r for r in table["rows"] if r["cells"][0] == "printed"]
         assert row["cells"][1:3] == ["fast", 7]
         assert row["cells"][3][-1] in "smhdy" and row["object"]["metadata"]["name"] == "printed"
+
+
+@pytest.mark.parametrize("status, field, reason", [
+    ({"step": "two"}, "status.step", "FieldValueTypeInvalid"),
+    ({"reason": "R" * 17}, "status.reason", "FieldValueTooLong"),
+])
+def test_status_writes_are_validated(custom, ns, status, field, reason):
+    name = unique("status")
+    create_gadget(custom, ns, name)
+    code, body = error_of(custom.patch_namespaced_custom_object_status, GROUP, VERSION, ns, PLURAL, name,
+                          {"status": status})
+    assert (code, body["kind"], body["reason"]) == (422, "Status", "Invalid")
+    assert f"{field}:" in body["message"]
+    assert {(c["field"], c["reason"]) for c in body["details"]["causes"]} >= {(field, reason)}
+    assert "status" not in custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)  # nothing written
+    written = custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, ns, PLURAL, name, {"status": {"phase": "Ok", "unknown": 1, "reason": "R" * 16}})
+    assert written["status"] == {"phase": "Ok", "reason": "R" * 16}
