@@ -159,7 +159,7 @@ class TrainConfig(_Model):
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise strength (0 disables).")
     seed: Seed = 42
     max_image_pixels: int = Field(
-        DEFAULT_MAX_IMAGE_PIXELS, ge=64 * 64, le=2_000_000_000,
+        DEFAULT_MAX_IMAGE_PIXELS, ge=64, le=2_000_000_000,
         description="Largest image (width x height) the dataset may hold; a bigger one stops the run (exit 65).",
     )
 
