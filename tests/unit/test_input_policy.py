@@ -198,3 +198,17 @@ def test_work_dir_marker(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         prepare_work_dir(tmp_path / "file")
+
+
+def test_local_store_refuses_keys_out_of_its_folder(tmp_path: Path) -> None:
+    from lora_trainer.storage import LocalStore, UnsafeKey
+
+    store = LocalStore(tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out/checkpoints").symlink_to(tmp_path / "elsewhere")
+    for key in ("../x", "/etc/passwd", "checkpoints/latest.json"):
+        with pytest.raises(UnsafeKey):
+            store.put_bytes(key, b"x")
+    assert not any((tmp_path / "elsewhere").iterdir())
+    assert UnsafeKey("x").exit_code == 78

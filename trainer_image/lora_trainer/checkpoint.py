@@ -54,8 +54,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lora_trainer.config import changed_fields
 from lora_trainer.contract import CHECKPOINTS_DIR, LATEST_FILE, MANIFEST_FILE, LatestPointer, utcnow
 from lora_trainer.errors import ResumeRefused, StaleAttempt
-from lora_trainer.paths import UnsafePath, is_inside, name_problem, normalise_name, shorten, shown
-from lora_trainer.storage import NotFound, ObjectInfo, StorageUnavailable, Store
+from lora_trainer.paths import is_inside, name_problem, normalise_name, shorten, shown
+from lora_trainer.storage import NotFound, ObjectInfo, StorageUnavailable, Store, UnsafeKey
 
 log = logging.getLogger(__name__)
 
@@ -452,8 +452,8 @@ def _verify(store: Store, step: int, files: dict[str, ObjectInfo], dest_dir: Pat
         store.get_files([(f"{prefix}/{name}", local / name) for name in manifest.files])
     except NotFound as exc:
         raise _Invalid(f"a file vanished while downloading ({exc})") from exc
-    except UnsafePath as exc:
-        raise _Invalid(str(exc)) from exc
+    except UnsafeKey as exc:
+        raise _Invalid(exc.message) from exc
     for name, digest in manifest.files.items():
         if sha256_file(local / name) != digest.sha256:
             raise _Invalid(f"{name} does not match its sha256 in MANIFEST.json")

@@ -27,10 +27,6 @@ from urllib.parse import urlparse
 SHOWN_CHARS = 200  # longest stretch of a hostile value echoed back in a message
 
 
-class UnsafePath(ValueError):
-    """A name the path policy refuses reached a store or folder; callers turn it into their error."""
-
-
 def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
     """`text` cut to `limit` characters with a marker saying how much was left out."""
     if len(text) <= limit:

@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlparse
 
 from lora_trainer.config import S3Config
 from lora_trainer.errors import EXIT_NOPERM, ConfigError, StorageUnavailable, TrainerError, UserError
-from lora_trainer.paths import UnsafePath, is_inside, name_problem, normalise_name, s3_uri_problem, shown
+from lora_trainer.paths import is_inside, name_problem, normalise_name, s3_uri_problem, shorten, shown
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,10 @@ class NotFound(TrainerError):
     """The key or object does not exist in the store."""
 
     reason = "NotFound"
+
+
+class UnsafeKey(ConfigError, ValueError):
+    """A key the path policy refuses, or one that a symlink leads out of a local store's folder."""
 
 
 class StorageRejected(StorageUnavailable):
@@ -187,12 +191,15 @@ class LocalStore(Store):
         self.uri = uri or str(root)
 
     def _path(self, key: str) -> Path:
-        """The file for `key`; UnsafePath if the key or a symlink on its way leads outside the root."""
+        """The file for `key`; UnsafeKey if the key or a symlink on its way leads outside the root."""
         if problem := name_problem(key):
-            raise UnsafePath(f"{self.uri}: key {shown(key)} {problem}")
+            raise UnsafeKey(f"{self.uri}: key {shown(key)} {problem}")
         path = self.root / key
         if not is_inside(self.root, path):
-            raise UnsafePath(f"{self.uri}: key {shown(key)} leads outside the folder through a symlink")
+            raise UnsafeKey(
+                f"{shorten(self.uri)}: {shown(key)} leads outside the folder through a symlink; "
+                "replace the symlink with a folder"
+            )
         return path
 
     def _write(self, key: str, write: Any) -> str:
