@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install test demo demo-trainer lint chaos bench crd clean
+.PHONY: install envtest test demo demo-trainer lint chaos bench crd clean
 
 install: $(STAMP)
 
@@ -15,10 +15,27 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[trainer,operator,dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-test: install
+# A real control plane for the Kubernetes tier, envtest-style: ../shared/envtest's archive unpacks
+# into .cache/envtest and KUBEBUILDER_ASSETS points at it (unless already set). Without the
+# archive the tier runs on the emulator only.
+ENVTEST_ARCHIVE := $(firstword $(wildcard ../shared/envtest/kubernetes-*-linux-amd64.tar.xz))
+ENVTEST_DIR := .cache/envtest
+ifneq ($(ENVTEST_ARCHIVE),)
+KUBEBUILDER_ASSETS ?= $(abspath $(ENVTEST_DIR))/bin
+export KUBEBUILDER_ASSETS
+ENVTEST_STAMP := $(ENVTEST_DIR)/.unpacked
+endif
+
+envtest: $(ENVTEST_STAMP)
+
+$(ENVTEST_DIR)/.unpacked: $(ENVTEST_ARCHIVE)
+	cd $(dir $<) && sha256sum --quiet -c --ignore-missing SHA256SUMS
+	mkdir -p $(ENVTEST_DIR) && tar -xJf $< -C $(ENVTEST_DIR) && touch $@
+
+test: install envtest
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
-demo: install
+demo: install envtest
 	HF_HUB_OFFLINE=1 $(PY) -m lora_operator.demo
 
 demo-trainer: install

@@ -71,6 +71,11 @@ def _configure(kopf_settings: kopf.OperatorSettings) -> None:
     # Events are posted explicitly, one per transition; log lines must not become Events too.
     kopf_settings.posting.level = logging.CRITICAL
     kopf_settings.posting.reporting_component = "lora-operator"  # the From column of `kubectl describe`
+    # No cluster-wide scan of CRDs and namespaces: it needs `list customresourcedefinitions` at the
+    # cluster scope (403 under the chart's least-privilege RBAC, on a real API server). The operator
+    # serves one resource kind in fixed namespaces (or all of them), found by discovery at start;
+    # `_require_crd` stops start-up with a clear error when the CRD is not installed yet.
+    kopf_settings.scanning.disabled = True
     kopf_settings.watching.server_timeout = 300
     kopf_settings.watching.client_timeout = 330
     kopf_settings.networking.request_timeout = 60
@@ -253,6 +258,18 @@ async def job_loop(memo: Memo, namespace: str, name: str, stopped: kopf.DaemonSt
             del memo.wakeups[key]
 
 
+async def _require_crd(memo: Memo) -> None:
+    # Without scanning, Kopf serves only what discovery shows at start: a missing CRD would leave
+    # a running operator that silently handles nothing.
+    try:
+        served = await memo.kube.job_resource_served()
+    except k.KubeError as exc:
+        raise kopf.TemporaryError(f"cannot discover the LoRATrainingJob API yet: {exc}", delay=ERROR_DELAY) from exc
+    if not served:
+        raise kopf.PermanentError(f"the CRD {PLURAL}.{GROUP} is not installed: apply crds/ "
+                                  "(`kubectl apply --server-side -f crds/`; the Helm chart installs it), then restart")
+
+
 def _login(memo: Memo) -> kopf.ConnectionInfo:
     config = memo.kube.configuration
     if config.refresh_api_key_hook is not None:
@@ -272,8 +289,9 @@ def build_registry(memo: Memo) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
 
     @kopf.on.startup(registry=registry)
-    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         _configure(settings)
+        await _require_crd(memo)
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:

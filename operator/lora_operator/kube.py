@@ -131,6 +131,14 @@ class Kube:
             raise Unavailable(f"{what}: the API server answered without the object")
         return body
 
+    async def job_resource_served(self) -> bool:
+        """Whether discovery lists loratrainingjobs (the CRD is installed and Established)."""
+        try:
+            body = await self._call("discover the LoRATrainingJob API", self.custom.get_api_resources, GROUP, VERSION)
+        except NotFound:
+            return False
+        return any(r.get("name") == PLURAL for r in (body or {}).get("resources") or [])
+
     async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The job as stored now, None when it is gone."""
         try:

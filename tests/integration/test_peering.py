@@ -1,4 +1,4 @@
-"""Two operator replicas with Kopf peering, as the chart runs them (real processes, the emulator).
+"""Two operator replicas with Kopf peering, as the chart runs them (real processes, on each Kubernetes target).
 
 Behaviours tested:
 - two replicas whose priorities come from their pod names (POD_NAME, hashed) see each other in
@@ -93,8 +93,6 @@ def _both_registered(custom: kubernetes.client.CustomObjectsApi, namespace: str)
 def test_hashed_priorities_let_exactly_one_replica_work(kube_api: KubeTarget, kube_namespace: str,
                                                         peering: kubernetes.client.CustomObjectsApi,
                                                         tmp_path: Path) -> None:
-    if kube_api.is_real:
-        pytest.skip("runs operator processes against the emulator")
     with replicas(kube_api, kube_namespace, tmp_path):
         found = eventually(lambda: _both_registered(peering, kube_namespace), 30, 0.2)
         assert sorted(p["priority"] for p in found.values()) == sorted(priority_from_name(n) for n in REPLICAS)
@@ -108,8 +106,6 @@ def test_hashed_priorities_let_exactly_one_replica_work(kube_api: KubeTarget, ku
 
 def test_equal_priorities_pause_both_replicas(kube_api: KubeTarget, kube_namespace: str,
                                               peering: kubernetes.client.CustomObjectsApi, tmp_path: Path) -> None:
-    if kube_api.is_real:
-        pytest.skip("runs operator processes against the emulator")
     with replicas(kube_api, kube_namespace, tmp_path, "--priority", "7"):
         found = eventually(lambda: _both_registered(peering, kube_namespace), 30, 0.2)
         assert [p["priority"] for p in found.values()] == [7, 7]
