@@ -28,7 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_operator.devcluster.cluster import DEFAULT_S3_PORT
+from lora_operator.devcluster.cluster import (
+    DEFAULT_S3_PORT,
+    KUBE_CHOICES,
+    KUBE_WORDS,
+    DevClusterError,
+    resolve_kube,
+)
 from lora_operator.devcluster.scenario import DemoError, Scenario, TimelineEvent
 from lora_trainer.contract import FINAL_WEIGHTS
 
@@ -70,7 +76,7 @@ class DemoResult:
 
 
 def run_scenario(workdir: Path, *, s3_port: int = DEFAULT_S3_PORT, manifest: Path = JOB_MANIFEST,
-                 timeout: float = DEFAULT_TIMEOUT, progress_interval: float = 1.0,
+                 timeout: float = DEFAULT_TIMEOUT, progress_interval: float = 1.0, kube: str = "auto",
                  on_event: Callable[[TimelineEvent], None] | None = None) -> DemoResult:
     """Run the whole recovery scenario under `workdir`; raises DemoError naming what did not happen.
 
@@ -79,7 +85,7 @@ def run_scenario(workdir: Path, *, s3_port: int = DEFAULT_S3_PORT, manifest: Pat
     `on_event` hears each timeline event as it happens.
     """
     with Scenario(Path(workdir).resolve(), s3_port=s3_port, manifest=manifest, timeout=timeout,
-                  progress_interval=progress_interval, on_event=on_event) as sc:
+                  progress_interval=progress_interval, kube=kube, on_event=on_event) as sc:
         sc.start_cluster()  # first: a taken port fails the demo at once
         sc.start_operator()  # it gets ready while the inputs are built
         sc.prepare_inputs()
@@ -204,7 +210,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where everything goes (default .demo)")
     parser.add_argument("--s3-port", type=int, default=DEFAULT_S3_PORT, help="S3 port (default 9000; 0 picks one)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds for the whole scenario")
+    parser.add_argument("--kube", choices=KUBE_CHOICES, default="auto",
+                        help="real control plane (KUBEBUILDER_ASSETS) or the emulator; auto: real when found")
     args = parser.parse_args(argv)
+    try:
+        kube, _ = resolve_kube(args.kube)
+    except DevClusterError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
     workdir = args.workdir.resolve()
     for name, value in QUIET_ENV.items():
         os.environ.setdefault(name, value)
@@ -212,11 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(cluster_log)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` cleans up like Ctrl-C
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`&`)
-    print(f"lora-operator demo: a LoRATrainingJob on a local dev cluster, its pod reclaimed like a spot node, "
+    print(f"lora-operator demo on {KUBE_WORDS[kube]}: a LoRATrainingJob, its pod reclaimed like a spot node, "
           f"resumed (everything under {workdir}/)\n\ntimeline (seconds since start)", flush=True)
     started = time.monotonic()
     try:
-        result = run_scenario(workdir, s3_port=args.s3_port, timeout=args.timeout,
+        result = run_scenario(workdir, s3_port=args.s3_port, timeout=args.timeout, kube=kube,
                               on_event=lambda e: print(format_event(e), flush=True))
     except DemoError as exc:
         print(f"demo failed after {time.monotonic() - started:.0f} s: {exc} (logs in {workdir}/logs/)",

@@ -1,7 +1,7 @@
 """`lora-operator dev`: the local dev cluster as a user drives it (real background process, real servers).
 
 Behaviours:
-- `up` starts a detached cluster and returns once it is ready: the API answers (CRD served,
+- `up --kube emulator|real` (each target of the run) starts a detached cluster and returns once it is ready: the API answers (CRD served,
   namespace default, node dev-node Ready), S3 answers; it prints the kubeconfig and
   `export KUBECONFIG=...`; a second `up` says it is already up (same pid); `status` says up;
 - `down` stops it: both ports stop answering, state.json and the kubeconfig are gone, the process
@@ -28,7 +28,7 @@ import pytest
 from lora_operator.devcluster.cli import main
 from lora_operator.devcluster.cluster import answers, read_state
 from lora_operator.devcluster.s3 import free_port
-from tests.support.kube import eventually
+from tests.support.kube import eventually, target_names
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -40,15 +40,16 @@ TRAP_TERM = textwrap.dedent("""
 """)
 
 
-@pytest.fixture()
-def cluster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[tuple[Path, dict[str, Any], str]]:
-    """A dev cluster started with `lora-operator dev up` (S3 on a free port); always brought down."""
+@pytest.fixture(params=[name for name in target_names() if name != "cluster"])
+def cluster(request: pytest.FixtureRequest, tmp_path: Path,
+            capsys: pytest.CaptureFixture[str]) -> Iterator[tuple[Path, dict[str, Any], str]]:
+    """A dev cluster started with `lora-operator dev up --kube <target>` (S3 on a free port); always brought down."""
     state_dir = tmp_path / "dev"
     try:
-        assert main(["up", "--state-dir", str(state_dir), "--s3-port", str(free_port())]) == 0
+        assert main(["up", "--state-dir", str(state_dir), "--s3-port", str(free_port()), "--kube", request.param]) == 0
         out = capsys.readouterr().out
         state = read_state(state_dir)
-        assert state is not None
+        assert state is not None and state["kube"] == request.param
         yield state_dir, state, out
     finally:
         main(["down", "--state-dir", str(state_dir)])

@@ -1,12 +1,15 @@
-"""`lora-operator dev`: a local dev cluster (S3 + Kubernetes API emulator + pod runner) on 127.0.0.1.
+"""`lora-operator dev`: a local dev cluster (S3 + Kubernetes API + pod runner) on 127.0.0.1.
 
-    lora-operator dev up [--state-dir .dev] [--s3-port 9000] [--api-port 0] [--foreground]
+    lora-operator dev up [--state-dir .dev] [--s3-port 9000] [--api-port 0] [--kube auto|real|emulator] [--foreground]
     lora-operator dev status [--state-dir .dev]
     lora-operator dev reclaim NAMESPACE/POD [--reason TerminationByKubelet]
     lora-operator dev down [--state-dir .dev]
 
 `up` starts the cluster in a detached background process (its log: `<state dir>/devcluster.log`)
-and returns once the API and S3 answer; `--foreground` runs it attached until Ctrl-C. Exit codes:
+and returns once the API and S3 answer; `--foreground` runs it attached until Ctrl-C. `--kube real`
+runs a real control plane (etcd, kube-apiserver, kube-controller-manager from KUBEBUILDER_ASSETS),
+`--kube emulator` the Kubernetes API emulator; `auto` (the default) picks real when the binaries
+are found. Exit codes:
 0 done, 1 the cluster is not running (status, reclaim) or failed to start, 2 bad usage.
 """
 
@@ -26,6 +29,8 @@ from typing import Any
 
 from lora_operator.devcluster.cluster import (
     DEFAULT_S3_PORT,
+    KUBE_CHOICES,
+    KUBE_WORDS,
     KUBECONFIG_FILE,
     STATE_FILE,
     DevCluster,
@@ -37,7 +42,7 @@ from lora_operator.devcluster.cluster import (
 )
 
 LOG_FILE = "devcluster.log"
-START_TIMEOUT = 60.0  # seconds `up` waits for the background cluster (imports take a few on 2 cores)
+START_TIMEOUT = 180.0  # seconds `up` waits for the background cluster (imports, and a real control plane)
 STOP_TIMEOUT = 20.0  # seconds `down` waits after SIGTERM before SIGKILL
 QUIET_LOGGERS = ("aiohttp.access", "werkzeug", "urllib3", "botocore", "kubernetes")  # one line per request
 
@@ -48,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the dev cluster (in the background unless --foreground)")
     up.add_argument("--s3-port", type=int, default=DEFAULT_S3_PORT, help="S3 port (default %(default)s; 0 picks one)")
     up.add_argument("--api-port", type=int, default=0, help="Kubernetes API port (default: a free one)")
+    up.add_argument("--kube", choices=KUBE_CHOICES, default="auto",
+                    help="the Kubernetes API: a real control plane from KUBEBUILDER_ASSETS, or the emulator "
+                         "(default auto: real when the binaries are found)")
     up.add_argument("--foreground", action="store_true", help="run attached until Ctrl-C")
     up.add_argument("--log-file", help=argparse.SUPPRESS)  # set by `up` for its background process
     for name, text in (("status", "show whether it runs and where"), ("down", "stop it")):
@@ -107,7 +115,7 @@ def _forget(state_dir: Path) -> None:
 def _describe(state: dict[str, Any]) -> str:
     kubeconfig = Path(state["kubeconfig"])
     lines = [
-        f"  API         {state['apiUrl']}",
+        f"  API         {state['apiUrl']}   ({KUBE_WORDS.get(state.get('kube', 'emulator'), state.get('kube'))})",
         f"  S3          {state['s3Endpoint']}   (moto; any access key works, e.g. testing/testing: dev only)",
         f"  kubeconfig  {kubeconfig}",
         f"  pods        {state['podsDir']}/<ns>_<pod>_<uid>/container.log",
@@ -134,7 +142,8 @@ def _foreground(args: argparse.Namespace, state_dir: Path) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     try:
-        cluster = DevCluster(state_dir, s3_port=args.s3_port, api_port=args.api_port, log_file=log_file).start()
+        cluster = DevCluster(state_dir, s3_port=args.s3_port, api_port=args.api_port, log_file=log_file,
+                             kube=args.kube).start()
     except DevClusterError as exc:
         print(f"lora-operator dev up: {exc}", file=sys.stderr)
         return 1
@@ -177,7 +186,8 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     log_file = state_dir / LOG_FILE
     argv = [sys.executable, "-m", "lora_operator", "dev", "up", "--foreground", "--state-dir", str(state_dir),
-            "--s3-port", str(args.s3_port), "--api-port", str(args.api_port), "--log-file", str(log_file)]
+            "--s3-port", str(args.s3_port), "--api-port", str(args.api_port), "--kube", args.kube,
+            "--log-file", str(log_file)]
     with log_file.open("ab") as out:
         # Own session: the cluster outlives this shell command and a Ctrl-C typed into it.
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

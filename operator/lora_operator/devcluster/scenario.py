@@ -69,9 +69,11 @@ class Scenario:
     """One run of the demo under `workdir`: inputs/, cluster/, outputs/, logs/."""
 
     def __init__(self, workdir: Path, *, s3_port: int, manifest: Path, timeout: float, progress_interval: float,
+                 kube: str = "auto",
                  on_event: Callable[[TimelineEvent], None] | None = None) -> None:
         self.workdir = workdir
         self.s3_port = s3_port
+        self.kube = kube
         self.manifest = manifest
         self.progress_interval = progress_interval
         self.on_event = on_event
@@ -131,14 +133,14 @@ class Scenario:
         self.event("setup", f"built the tiny SD model and 8-image dataset (seeded) in {self.workdir / 'inputs'}")
 
     def start_cluster(self) -> None:
-        """S3 + API emulator + pod runner in this process (a previous run's pod folders removed)."""
+        """S3 + Kubernetes API (real or emulator) + pod runner (a previous run's pod folders removed)."""
         shutil.rmtree(self.workdir / "cluster", ignore_errors=True)
         try:
-            self.cluster = DevCluster(self.workdir / "cluster", s3_port=self.s3_port).start()
+            self.cluster = DevCluster(self.workdir / "cluster", s3_port=self.s3_port, kube=self.kube).start()
         except DevClusterError as exc:
             raise DemoError(str(exc)) from None
-        self.event("setup", f"dev cluster up: API {self.cluster.api_url}, S3 {self.cluster.s3_endpoint}, "
-                            f"node {self.cluster.node_name}")
+        self.event("setup", f"dev cluster up: API {self.cluster.api_url} ({self.cluster.kube}), "
+                            f"S3 {self.cluster.s3_endpoint}, node {self.cluster.node_name}")
 
     def start_operator(self) -> None:
         """`lora-operator run --standalone` as a subprocess, its log in logs/operator.log."""
