@@ -35,6 +35,7 @@ Each row is a behaviour plain kmock 0.8 lacks; every test runs on both targets o
 | discovery as kubectl maps it: core is `v1`, subresources have no shortNames| test_discovery_as_kubectl_reads_it      |
 | `kubectl get` Tables: Name + additionalPrinterColumns, dates as ages       | test_server_side_printing_tables        |
 | a CRD schema may say nothing about metadata but its type → 422             | test_crd_metadata_schema_is_implicit    |
+| fieldValidation=Strict (kubectl's default): unknown fields → 400 naming all | test_strict_field_validation            |
 """
 
 from __future__ import annotations
@@ -526,3 +527,14 @@ def test_status_writes_are_validated(custom, ns, status, field, reason):
     written = custom.patch_namespaced_custom_object_status(
         GROUP, VERSION, ns, PLURAL, name, {"status": {"phase": "Ok", "unknown": 1, "reason": "R" * 16}})
     assert written["status"] == {"phase": "Ok", "reason": "R" * 16}
+
+
+def test_strict_field_validation(custom, ns):
+    body = gadget(unique("strict"), training={"steps": 3, "stpes": 4}, bogus=1)
+    with pytest.raises(ApiException) as info:
+        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body, field_validation="Strict")
+    answer = json.loads(info.value.body)
+    assert (info.value.status, answer["reason"]) == (400, "BadRequest")
+    assert 'unknown field "spec.bogus", unknown field "spec.training.stpes"' in answer["message"]
+    created = custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)  # default: pruned
+    assert "bogus" not in created["spec"] and "stpes" not in created["spec"]["training"]

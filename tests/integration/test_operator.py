@@ -348,6 +348,45 @@ def test_bad_specs(kube_api: KubeTarget, cluster: Cluster) -> None:
         assert c.pods("semantic") == []
 
 
+BAD_SPECS = [  # (what is wrong, spec blocks, a field the answer names); kubectl's Strict field validation
+    ("rank 0", {"lora": {"rank": 0}}, "spec.lora.rank"),
+    ("no baseModel", {"baseModel": None}, "spec.baseModel"),
+    ("batchSize a string", {"training": {"maxTrainSteps": 40, "batchSize": "four"}}, "spec.training.batchSize"),
+    ("unknown field", {"training": {"maxTrainSteps": 40, "learningRat": 0.1}}, "learningRat"),
+    ("learningRate 0", {"training": {"maxTrainSteps": 40, "learningRate": 0}}, "spec.training.learningRate"),
+    ("unknown task", {"task": "text-to-video"}, "spec.task"),
+]
+
+
+@pytest.mark.parametrize(("what", "blocks", "field"), BAD_SPECS, ids=[row[0] for row in BAD_SPECS])
+def test_schema_refuses_bad_specs(cluster: Cluster, what: str, blocks: dict[str, Any], field: str) -> None:
+    spec = {k: v for k, v in job_spec(**blocks).items() if v is not None}
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LoRATrainingJob", "metadata": {"name": "bad"}, "spec": spec}
+    with pytest.raises(ApiException) as info:
+        cluster.custom.create_namespaced_custom_object(GROUP, VERSION, cluster.ns, PLURAL, body,
+                                                       field_validation="Strict")
+    assert info.value.status in (400, 422) and field in json.loads(info.value.body)["message"], what
+
+
+CEL_CASES = [
+    ("training fields are immutable", "patch", {"spec": {"lora": {"rank": 16}}}, "spec.lora is immutable"),
+    ("name over 52 characters", "create", "j" * 53, "metadata.name must be at most 52 characters"),
+]
+
+
+@pytest.mark.parametrize(("what", "how", "change", "says"), CEL_CASES, ids=[row[0] for row in CEL_CASES])
+def test_cel_rules(kube_api: KubeTarget, cluster: Cluster, what: str, how: str, change: Any, says: str) -> None:
+    if not kube_api.is_real:
+        pytest.skip("the emulator does not evaluate CEL x-kubernetes-validations; the real target does")
+    with pytest.raises(ApiException) as info:
+        if how == "patch":
+            cluster.create_job("frozen", job_spec())
+            cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, cluster.ns, PLURAL, "frozen", change)
+        else:
+            cluster.create_job(change, job_spec())
+    assert info.value.status == 422 and says in json.loads(info.value.body)["message"], what
+
+
 def test_missing_secret_stalls(kube_api: KubeTarget, cluster: Cluster) -> None:
     c = cluster
     with operator(kube_api, c.ns, pending_deadline=1.0):

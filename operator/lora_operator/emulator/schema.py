@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FieldError", "admit", "apply_defaults", "prune", "validate"]
+__all__ = ["FieldError", "admit", "apply_defaults", "prune", "unknown_fields", "validate"]
 
 Schema = Mapping[str, Any]
 
@@ -88,6 +88,31 @@ def prune(schema: Schema, value: Any, *, root: bool = True) -> Any:
     if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
         return [prune(schema["items"], item, root=False) for item in value]
     return copy.deepcopy(value)
+
+
+def unknown_fields(schema: Schema | None, value: Any, path: str = "", *, root: bool = True) -> list[str]:
+    """The dotted paths of fields ``prune`` would drop (what Strict field validation refuses)."""
+    if not schema or schema.get("x-kubernetes-int-or-string") or _keeps_unknown(schema):
+        return []
+    if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        return [p for item in value for p in unknown_fields(schema["items"], item, f"{path}[]", root=False)]
+    if not isinstance(value, dict):
+        return []
+    properties: Mapping[str, Schema] = schema.get("properties") or {}
+    additional = schema.get("additionalProperties")
+    keep_meta = root or bool(schema.get("x-kubernetes-embedded-resource"))
+    found: list[str] = []
+    for key, item in value.items():
+        where = f"{path}.{key}" if path else key
+        if keep_meta and key in _ALWAYS_KEPT:
+            continue
+        if key in properties:
+            found += unknown_fields(properties[key], item, where, root=False)
+        elif isinstance(additional, Mapping):
+            found += unknown_fields(additional, item, where, root=False)
+        else:
+            found.append(where)
+    return sorted(found)
 
 
 def apply_defaults(schema: Schema, value: Any) -> Any:

@@ -24,6 +24,7 @@ from kmock._internal import enums, parsing, rendering
 from lora_operator.emulator import errors
 from lora_operator.emulator.engine import Engine
 from lora_operator.emulator.resources import Model, Registry
+from lora_operator.emulator.schema import unknown_fields
 from lora_operator.emulator.selectors import (
     SelectorError,
     match_fields,
@@ -253,6 +254,13 @@ class FaithfulEmulator(KubernetesScaffold):
             objects = self._list(model, request)["items"] if name is None else [self.engine.read(model, ns, name)]
             return 200, to_table(model.group, model.plural, objects, str(self.store.resource_version),
                                  self._printer_columns(model))
+        if method in ("POST", "PUT", "PATCH") and model.crd_name and request.params.get("fieldValidation") == "Strict":
+            # kubectl's default since 1.27: unknown fields are an error, not silently pruned.
+            unknown = unknown_fields(model.schema, request.data)
+            if unknown:
+                raise errors.bad_request(f'{model.kind} in version "{model.version}" cannot be handled as a '
+                                         f"{model.kind}: strict decoding error: "
+                                         + ", ".join(f'unknown field "{path}"' for path in unknown))
         if name is None:
             if method == "GET":
                 return 200, self._list(model, request)
