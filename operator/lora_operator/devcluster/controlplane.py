@@ -283,12 +283,12 @@ class ControlPlane:
 
     def stop(self) -> None:
         """Stop every process (controller-manager, apiserver, then etcd) and remove the data dir."""
+        # One at a time: an apiserver whose etcd is already gone hangs in its shutdown (> 30 s).
         for proc in reversed(self._procs):
             if proc.popen.poll() is None:
                 proc.popen.terminate()
-        for proc in reversed(self._procs):
             try:
-                proc.popen.wait(10)
+                proc.popen.wait(15)
             except subprocess.TimeoutExpired:
                 proc.popen.kill()
                 proc.popen.wait(10)
