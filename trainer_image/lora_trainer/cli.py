@@ -81,7 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = resolve_config(args.config, overrides)
     from lora_trainer.train import Trainer  # torch import is slow; config errors come first
 
-    result = Trainer(config, stop).run()
+    config_dir = Path(args.config).parent if args.config else None
+    result = Trainer(config, stop, config_dir=config_dir).run()
     log.info("done: step %d/%d, outputs in %s", result.step, result.total_steps, result.output)
     write_termination("Completed", f"trained {result.step} steps", step=result.step)
     return EXIT_OK

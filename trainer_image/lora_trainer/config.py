@@ -17,12 +17,21 @@ Choices where lora-scripts and the issue are silent:
   values cut to 200 characters.
 - `max_image_pixels` (default 100 MP): a bigger image makes the dataset unusable (exit 65);
   one over a quarter of it is decoded with a warning about memory.
+- Relative local paths (`resolve_local_paths`, when a run starts): tried from the current
+  directory first (lora-scripts users write them so), then from the config file's folder;
+  `metadata_path` from the current directory, then from the dataset folder (for an s3:// dataset
+  only the latter). Two that exist and differ are a ConfigError naming both. The chosen paths
+  are written back absolute, so config_backup.yaml and the config hash say what was used.
+- `base_model` may be one `.safetensors` file (A1111/ComfyUI style); `base_model_config` names a
+  diffusers folder with its configs. Pickle checkpoints (`.ckpt`, `.pt`, `.bin`…) are refused:
+  loading one runs code from the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import reprlib
 from pathlib import Path
@@ -32,8 +41,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from lora_trainer.errors import ConfigError
-from lora_trainer.paths import SHOWN_CHARS, normalise_s3_uri, overlap_problem, s3_uri_problem, shorten
+from lora_trainer.errors import ConfigError, DatasetError
+from lora_trainer.paths import (
+    SHOWN_CHARS,
+    choose_local,
+    is_inside,
+    metadata_outside,
+    normalise_s3_uri,
+    overlap_problem,
+    s3_uri_problem,
+    shorten,
+)
+from lora_trainer.single_file import pickle_problem
 
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -106,13 +125,20 @@ class TrainConfig(_Model):
 
     task: Task = Field("text-to-image", description="What is trained; only text-to-image for now.")
     base_model: str = Field(
-        ..., min_length=1, description="Diffusers model folder: local path, file://, or s3://bucket/prefix."
+        ..., min_length=1,
+        description="Diffusers model folder, or one .safetensors checkpoint: local path, file://, or s3://.",
+    )
+    base_model_config: str | None = Field(
+        None, min_length=1,
+        description="Diffusers folder (local or s3://) with the configs of a single-file base_model.",
     )
     train_data_dir: str = Field(
         ..., min_length=1, description="Folder of images with captions: local path, file://, or s3://."
     )
     metadata_path: str | None = Field(
-        None, description="Captions CSV (file_name,text), relative to train_data_dir; default metadata.csv if present."
+        None,
+        description="Captions CSV (file_name,text): relative to the current directory, else to train_data_dir; "
+        "default metadata.csv if present.",
     )
     caption_extension: str = Field(
         ".txt", description="Sidecar caption extension when there is no metadata CSV; `txt` means `.txt`."
@@ -181,12 +207,21 @@ class TrainConfig(_Model):
         False, description="Resume even if training-defining fields changed since the checkpoint (dangerous)."
     )
 
-    @field_validator("base_model", "train_data_dir", "output_dir")
+    @field_validator("base_model", "base_model_config", "train_data_dir", "output_dir")
     @classmethod
-    def _clean_uri(cls, value: str) -> str:
+    def _clean_uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if problem := s3_uri_problem(value):
             raise ValueError(problem)
         return normalise_s3_uri(value)
+
+    @field_validator("base_model")
+    @classmethod
+    def _no_pickle(cls, value: str) -> str:
+        if problem := pickle_problem(value):
+            raise ValueError(problem)
+        return value
 
     @field_validator("caption_extension")
     @classmethod
@@ -218,18 +253,19 @@ def place_problems(config: TrainConfig, resolve: bool = False) -> list[str]:
     """Overlaps of output_dir with an input and of work_dir with the output or an input.
 
     Lexical unless `resolve` (then symlinks count too: the trainer checks again at start)."""
-    pairs = [("output_dir", config.output_dir, name, value)
-             for name, value in (("train_data_dir", config.train_data_dir), ("base_model", config.base_model))]
+    inputs = [("train_data_dir", config.train_data_dir), ("base_model", config.base_model)]
+    if config.base_model_config:
+        inputs.append(("base_model_config", config.base_model_config))
+    pairs = [("output_dir", config.output_dir, name, value) for name, value in inputs]
     if config.work_dir:
-        pairs += [("work_dir", config.work_dir, name, value) for name, value in (
-            ("output_dir", config.output_dir), ("train_data_dir", config.train_data_dir),
-            ("base_model", config.base_model))]
+        pairs += [("work_dir", config.work_dir, name, value)
+                  for name, value in (("output_dir", config.output_dir), *inputs)]
     return [p for args in pairs if (p := overlap_problem(*args, resolve=resolve))]
 
 
 # Fields whose change makes a resumed run train something else; output/infra fields are not here.
 TRAINING_FIELDS: tuple[str, ...] = (
-    "task", "base_model", "train_data_dir", "metadata_path", "caption_extension", "resolution",
+    "task", "base_model", "base_model_config", "train_data_dir", "metadata_path", "caption_extension", "resolution",
     "center_crop", "random_flip", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
     "train_text_encoder", "text_encoder_target_modules", "batch_size", "gradient_accumulation_steps",
     "epochs", "max_train_steps", "learning_rate", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps",
@@ -238,21 +274,85 @@ TRAINING_FIELDS: tuple[str, ...] = (
 )
 
 
-def training_fields(config: TrainConfig) -> dict[str, Any]:
-    """The training-defining subset of a config, as plain JSON data."""
+BASE_MODEL_SHA256 = "base_model_sha256"  # joins the training fields for a single-file base_model
+
+
+def training_fields(config: TrainConfig, base_model_sha256: str | None = None) -> dict[str, Any]:
+    """The training-defining subset of a config, as plain JSON data.
+
+    A single-file base model's content hash joins them, so a changed file refuses resume."""
     data = config.model_dump(mode="json")
-    return {name: data[name] for name in TRAINING_FIELDS}
+    fields = {name: data[name] for name in TRAINING_FIELDS}
+    if base_model_sha256:
+        fields[BASE_MODEL_SHA256] = base_model_sha256
+    return fields
 
 
-def config_hash(config: TrainConfig) -> str:
+def config_hash(config: TrainConfig, base_model_sha256: str | None = None) -> str:
     """sha256 of the training-defining fields: equal hashes mean a resume trains the same thing."""
-    canonical = json.dumps(training_fields(config), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(training_fields(config, base_model_sha256), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Names of training-defining fields whose values differ between two `training_fields` dicts."""
-    return sorted(name for name in set(old) | set(new) if old.get(name) != new.get(name))
+    """Names of training-defining fields whose values differ between two `training_fields` dicts.
+
+    A changed single-file base model reads `base_model (file content, sha256 <old>... -> <new>...)`."""
+    out = []
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) == new.get(name):
+            continue
+        if name == BASE_MODEL_SHA256:
+            was, now = (str(d.get(name) or "none")[:12] for d in (old, new))
+            name = f"base_model (file content, sha256 {was}... -> {now}...)"
+        out.append(name)
+    return sorted(set(out))
+
+
+# Local paths resolved when a run starts; metadata_path is resolved after train_data_dir.
+LOCAL_PATH_FIELDS: tuple[str, ...] = (
+    "base_model", "base_model_config", "train_data_dir", "output_dir", "cache_dir", "work_dir",
+)
+
+
+def resolve_local_paths(
+    config: TrainConfig, cwd: Path, config_dir: Path | None = None, exists: Any = None
+) -> TrainConfig:
+    """The config with every relative local path made absolute (see the module docstring).
+
+    `config_dir` is the folder of the --config file (None when the config came from the
+    environment). ConfigError when a relative path exists from two anchors and they differ."""
+    anchors = [("the current directory", cwd)]
+    if config_dir is not None:
+        anchors.append(("the config file's folder", config_dir))
+    check = {"exists": exists} if exists else {}
+    update: dict[str, str] = {}
+    for name in LOCAL_PATH_FIELDS:
+        value = getattr(config, name)
+        if not value:
+            continue
+        path, problem = choose_local(name, value, anchors, **check)
+        if problem:
+            raise ConfigError(problem)
+        if path is not None and str(path) != value:
+            update[name] = str(path)
+    data_dir = update.get("train_data_dir", config.train_data_dir)
+    if config.metadata_path and not data_dir.startswith("s3://"):
+        data_anchor = choose_local("train_data_dir", data_dir, anchors, **check)[0]
+        csv_anchors = [anchors[0], ("train_data_dir", data_anchor)] if data_anchor else anchors[:1]
+        path, problem = choose_local("metadata_path", config.metadata_path, csv_anchors, **check)
+        if problem:
+            raise ConfigError(problem)
+        if path is not None and not Path(config.metadata_path).is_absolute() and not (exists or os.path.exists)(path):
+            tried = " or ".join(f"{shorten(os.path.abspath(a / config.metadata_path))} (from {label})"
+                                for label, a in csv_anchors)
+            raise DatasetError(f"metadata_path: {shorten(repr(config.metadata_path))} does not exist at {tried}; "
+                               "fix the path or remove the setting")
+        if path is not None and data_anchor is not None and not is_inside(data_anchor, path):
+            raise DatasetError(metadata_outside(config.metadata_path, data_anchor))
+        if path is not None:
+            update["metadata_path"] = str(path)
+    return config.model_copy(update=update) if update else config
 
 
 _short_repr = reprlib.Repr()

@@ -29,7 +29,7 @@ from PIL import Image
 
 from lora_trainer.config import DEFAULT_MAX_IMAGE_PIXELS
 from lora_trainer.errors import DatasetError, InputMissing
-from lora_trainer.paths import is_inside, shorten
+from lora_trainer.paths import is_inside, metadata_outside, shorten
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +129,7 @@ def read_captions(data_dir: Path, metadata_path: str | None, caption_extension: 
     """Captions by image file name, from the metadata CSV or from sidecar files."""
     csv_path = data_dir / (metadata_path or DEFAULT_METADATA)
     if metadata_path and not is_inside(data_dir, csv_path):
-        raise DatasetError(
-            f"metadata_path: {shorten(metadata_path)} resolves outside the dataset folder {shorten(str(data_dir))}; "
-            "put the captions CSV in that folder and give its name"
-        )
+        raise DatasetError(metadata_outside(metadata_path, data_dir))
     if metadata_path and not csv_path.is_file():
         raise DatasetError(f"metadata_path: {shorten(str(csv_path))} does not exist; fix the path or remove the setting")
     if csv_path.is_file():

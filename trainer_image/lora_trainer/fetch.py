@@ -90,3 +90,35 @@ def _read_marker(marker: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def fetch_file(uri: str, cache_dir: Path | str, s3: S3Config) -> Path:
+    """A local copy of the one object at `uri` (a single-file base model): local paths as they are.
+
+    Downloaded once into a cache slot whose marker records the object's size and ETag; a later
+    call reuses the copy while the object is unchanged."""
+    loc = parse_uri(uri)
+    if loc.path is not None:
+        if not loc.path.is_file():
+            raise InputMissing(f"{uri}: no such file; check the path")
+        return loc.path
+    parent, _, name = loc.prefix.rpartition("/")
+    store = S3Store(loc.bucket, parent, s3)
+    info = next((i for i in store.list_info(name) if i.key == name), None)
+    if info is None:
+        raise InputMissing(f"{uri}: no such object; check the URI and that the upload finished")
+    listing = {name: {"size": info.size, "etag": info.etag}}
+    slot = _cache_slot(Path(cache_dir), uri)
+    slot.mkdir(parents=True, exist_ok=True)
+    local, marker = slot / "file" / name, slot / FETCH_MARKER
+    with open(slot / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _read_marker(marker) == listing and local.is_file():
+            log.info("reusing cached %s at %s", uri, local)
+            return local
+        marker.unlink(missing_ok=True)
+        started = time.monotonic()
+        store.get_file(name, local)
+        marker.write_text(json.dumps(listing, sort_keys=True))
+        log.info("fetched %s (%.1f MiB) in %.1fs into %s", uri, info.size / MIB, time.monotonic() - started, local)
+    return local

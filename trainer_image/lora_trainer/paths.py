@@ -11,6 +11,9 @@ the metadata CSV of a dataset folder.
   and `s3://b/../x` is a literal key that tools show as a different place).
 - `output_dir` may not equal, contain or sit inside an input (`train_data_dir`, `base_model`),
   and `work_dir` may not overlap `output_dir` or an input: the trainer cleans its work_dir.
+- A relative local path in a config is looked up from the current directory first, then from a
+  second anchor (the config file's folder; the dataset folder for `metadata_path`): the first
+  that exists wins, and two that exist and differ are ambiguous (`choose_local`).
 
 The functions here decide and return plain data (a problem string, a normalised name); the
 callers raise the error with the exit code of their field (65 dataset, 66 model, 78 config).
@@ -20,7 +23,7 @@ callers raise the error with the exit code of their field (65 dataset, 66 model,
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -165,3 +168,51 @@ def problems_line(problems: list[str], fix: str) -> str:
     """The first problem, how many more there are, and the fix: one line."""
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     return f"{problems[0]}{more}; {fix}"
+
+
+def local_path(value: str) -> Path | None:
+    """The local path a config value names (`file://` unwrapped, `~` expanded); None for s3://."""
+    if value.startswith("s3://"):
+        return None
+    if value.startswith("file://"):
+        value = urlparse(value).path
+    return Path(value).expanduser()
+
+
+def choose_local(
+    field: str, value: str, anchors: Sequence[tuple[str, Path]], exists: Callable[[Path], bool] = os.path.exists,
+) -> tuple[Path | None, str | None]:
+    """Where a local path in a config points: (absolute path, None), or (None, why it is ambiguous).
+
+    An absolute path is used as is. A relative one is joined to each anchor (label, folder) in
+    order, the current directory first: the first that exists wins; when none exists the first
+    anchor's is used (the path may be an output still to create). Two that exist and differ
+    (symlinks resolved) are ambiguous. s3:// values are not local: (None, None)."""
+    path = local_path(value)
+    if path is None:
+        return None, None
+    if path.is_absolute():
+        return path, None
+    candidates: dict[str, tuple[str, Path]] = {}
+    for label, anchor in anchors:
+        candidate = Path(os.path.abspath(anchor / path))
+        candidates.setdefault(str(candidate), (label, candidate))
+    found = [(label, c) for label, c in candidates.values() if exists(c)]
+    distinct = {os.path.realpath(c): (label, c) for label, c in found}
+    if len(distinct) > 1:
+        (la, a), (lb, b) = list(distinct.values())[:2]
+        return None, (
+            f"{field}: {shorten(repr(value))} exists both as {shorten(str(a))} (from {la}) and as "
+            f"{shorten(str(b))} (from {lb}); write an absolute path to say which"
+        )
+    if found:
+        return found[0][1], None
+    return next(iter(candidates.values()))[1], None
+
+
+def metadata_outside(value: str, data_dir: Path | str) -> str:
+    """The DatasetError message for a metadata_path that resolves outside the dataset folder."""
+    return (
+        f"metadata_path: {shorten(value)} resolves outside the dataset folder {shorten(str(data_dir))}; "
+        "put the captions CSV in that folder and give its name"
+    )

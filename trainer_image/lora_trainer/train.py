@@ -27,16 +27,19 @@ from lora_trainer.config import (
     config_hash,
     dump_config,
     place_problems,
+    resolve_local_paths,
     training_fields,
 )
 from lora_trainer.contract import Progress
 from lora_trainer.data import BatchStream, Position, check_dataset
 from lora_trainer.errors import ConfigError, DatasetError, InputMissing, Preempted, ResumeRefused, UserError
 from lora_trainer.export import save_diffusers_lora, save_kohya_lora
+from lora_trainer.fetch import fetch_file
 from lora_trainer.model import Components, add_lora, load_components
 from lora_trainer.paths import shorten
 from lora_trainer.progress import ProgressReporter
 from lora_trainer.signals import StopFlag
+from lora_trainer.single_file import convert_single_file, is_single_file
 from lora_trainer.steps import make_lr_scheduler, make_optimizer, total_steps, train_step
 from lora_trainer.storage import Store, fetch_tree, open_store, parse_uri
 from lora_trainer.storeproc import StoreProcess, commit_checkpoint, open_upload_store
@@ -86,7 +89,9 @@ def resolve_attempt(store: Store) -> int:
 class Trainer:
     """One attempt of a training run against one output."""
 
-    def __init__(self, config: TrainConfig, stop: StopFlag | None = None):
+    def __init__(self, config: TrainConfig, stop: StopFlag | None = None, config_dir: Path | None = None):
+        # Relative local paths: from the current directory, else from the config file's folder.
+        config = resolve_local_paths(config, Path.cwd(), config_dir)
         self.config = config
         self.stop = stop or StopFlag()
         self.s3 = bounded_s3(config.s3, config.storage_retry_seconds)  # no call outlives the deadline much
@@ -119,19 +124,42 @@ class Trainer:
                 "point output_dir at a new or existing folder"
             )
 
+    def _fetch_file(self, field_name: str, uri: str, cache: Path) -> Path:
+        try:
+            return self._retrying(f"fetching {field_name}", lambda: fetch_file(uri, cache, self.s3))
+        except InputMissing as exc:
+            raise InputMissing(f"{field_name}: {exc.message}") from None
+
+    def _model_dir(self, model: Path, cache: Path) -> Path:
+        """The diffusers folder to load: the base model itself, or its single file converted once.
+
+        A single file's sha256 joins the training fields, so resume refuses a changed file."""
+        c = self.config
+        if not model.is_file():
+            if c.base_model_config:
+                log.warning("base_model_config is only used with a single-file base_model; ignoring it")
+            return model
+        config_dir = self._fetch("base_model_config", c.base_model_config, cache, InputMissing) if c.base_model_config else None
+        folder, sha = convert_single_file(model, c.base_model, config_dir, cache_root(c))
+        self.fields, self.hash = training_fields(c, sha), config_hash(c, sha)
+        return folder
+
     def _prepare(self) -> tuple[Components, list, BatchStream, int]:
         # Inputs live in the cache, not under work_dir: a pod's root filesystem is read-only and
         # only the cache (an emptyDir) is writable; a second attempt on the node reuses them.
         cache = cache_root(self.config) / "inputs"
-        model_dir = self._fetch("base_model", self.config.base_model, cache, InputMissing)
-        data_dir = self._fetch("train_data_dir", self.config.train_data_dir, cache, DatasetError)
         c = self.config
+        if is_single_file(c.base_model):
+            model = self._fetch_file("base_model", c.base_model, cache)
+        else:
+            model = self._fetch("base_model", c.base_model, cache, InputMissing)
+        data_dir = self._fetch("train_data_dir", c.train_data_dir, cache, DatasetError)
         report = check_dataset(data_dir, c.resolution, c.metadata_path, c.caption_extension, c.max_image_pixels)
         if report.warnings:
             log.warning(report.summary())
         if report.fatal:
             raise DatasetError(report.fatal)
-        parts = load_components(model_dir, self.config)
+        parts = load_components(self._model_dir(model, cache), self.config)
         params = add_lora(parts, self.config)
         stream = BatchStream(report.samples, c.resolution, c.center_crop, c.random_flip, c.seed)
         return parts, params, stream, total_steps(c, len(report.samples))
