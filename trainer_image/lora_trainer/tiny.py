@@ -4,6 +4,7 @@ Used by tests, the demo, benchmarks and examples. Everything here is saved with 
 so the trainer's real loading code reads it from disk exactly like a user's model.
 
     python -m lora_trainer.tiny sd PATH        # a Stable Diffusion 1.x-style diffusers folder
+    python -m lora_trainer.tiny sd-file PATH.safetensors [--model DIR]   # the same as one original-layout file
     python -m lora_trainer.tiny dataset PATH   # captioned PNGs (metadata.csv or .txt sidecars)
     python -m lora_trainer.tiny blip PATH      # a BLIP captioning model + processor
 """
@@ -205,6 +206,128 @@ def build_tiny_sd(path: Path, seed: int = 0) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- single-file checkpoints
+
+_UNET_RESNET_TO_LDM = (
+    ("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"),
+)
+_UNET_FIXED_TO_LDM = {
+    "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+}
+_VAE_FIXED_TO_LDM = {"conv_norm_out": "norm_out"}
+_VAE_ATTN_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _resnet_to_ldm(rest: str) -> str:
+    for new, old in _UNET_RESNET_TO_LDM:
+        if rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
+
+
+def unet_key_to_ldm(key: str, layers_per_block: int, up_blocks_with_attention: set[int]) -> str:
+    """A diffusers SD 1.x/2.x UNet key in the original LDM layout (the inverse of diffusers' converter)."""
+    per = layers_per_block + 1
+    head, _, tail = key.rpartition(".")  # tail: weight / bias
+    for new, old in _UNET_FIXED_TO_LDM.items():
+        if head == new:
+            return f"{old}.{tail}"
+    parts = key.split(".")
+    if parts[0] == "down_blocks":
+        b, kind = int(parts[1]), parts[2]
+        if kind == "downsamplers":  # down_blocks.b.downsamplers.0.conv.w
+            return f"input_blocks.{(b + 1) * per}.0.op.{parts[-1]}"
+        j, rest = int(parts[3]), ".".join(parts[4:])
+        index = 1 + b * per + j
+        return f"input_blocks.{index}.0.{_resnet_to_ldm(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
+    if parts[0] == "mid_block":
+        k, rest = int(parts[2]), ".".join(parts[3:])
+        return f"middle_block.{2 * k}.{_resnet_to_ldm(rest)}" if parts[1] == "resnets" else f"middle_block.1.{rest}"
+    if parts[0] == "up_blocks":
+        b, kind = int(parts[1]), parts[2]
+        if kind == "upsamplers":  # after the block's last resnet (and its attention, if any)
+            slot = 2 if b in up_blocks_with_attention else 1
+            return f"output_blocks.{b * per + layers_per_block}.{slot}.conv.{parts[-1]}"
+        j, rest = int(parts[3]), ".".join(parts[4:])
+        index = b * per + j
+        return f"output_blocks.{index}.0.{_resnet_to_ldm(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
+    raise ValueError(f"no LDM name for UNet key {key!r}")
+
+
+def vae_key_to_ldm(key: str, num_up_blocks: int) -> str:
+    """A diffusers AutoencoderKL key in the original LDM layout (without the `first_stage_model.` prefix)."""
+    parts = key.split(".")
+    if parts[0] in ("quant_conv", "post_quant_conv"):
+        return key
+    side, what = parts[0], parts[1]  # encoder / decoder
+    if what in ("conv_in", "conv_out"):
+        return key
+    if what in _VAE_FIXED_TO_LDM:
+        return f"{side}.{_VAE_FIXED_TO_LDM[what]}.{parts[-1]}"
+    if what in ("down_blocks", "up_blocks"):
+        i = int(parts[2])
+        block = i if side == "encoder" else num_up_blocks - 1 - i
+        name = "down" if side == "encoder" else "up"
+        if parts[3] == "resnets":
+            rest = ".".join(parts[5:]).replace("conv_shortcut", "nin_shortcut")
+            return f"{side}.{name}.{block}.block.{parts[4]}.{rest}"
+        sampler = "downsample" if side == "encoder" else "upsample"
+        return f"{side}.{name}.{block}.{sampler}.conv.{parts[-1]}"
+    if what == "mid_block":
+        if parts[2] == "resnets":
+            rest = ".".join(parts[4:]).replace("conv_shortcut", "nin_shortcut")
+            return f"{side}.mid.block_{int(parts[3]) + 1}.{rest}"
+        module = ".".join(parts[4:-1])
+        return f"{side}.mid.attn_1.{_VAE_ATTN_TO_LDM[module]}.{parts[-1]}"
+    raise ValueError(f"no LDM name for VAE key {key!r}")
+
+
+def sd_to_ldm_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The UNet, VAE and CLIP text encoder of a diffusers SD 1.x folder as one original-layout state dict.
+
+    Keys are those of the CompVis/A1111 `v1-5-pruned.safetensors` files: `model.diffusion_model.*`,
+    `first_stage_model.*` (attention projections as 1x1 convolutions) and
+    `cond_stage_model.transformer.*`, which diffusers' `from_single_file` converts back."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    with_attention = {i for i, t in enumerate(unet.config.up_block_types) if "CrossAttn" in t}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in unet.state_dict().items():
+        out["model.diffusion_model." + unet_key_to_ldm(key, unet.config.layers_per_block, with_attention)] = value
+    for key, value in vae.state_dict().items():
+        ldm = vae_key_to_ldm(key, len(vae.config.up_block_types))
+        if ".mid.attn_1." in ldm and ldm.endswith(".weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
+        out["first_stage_model." + ldm] = value
+    for key, value in text_encoder.state_dict().items():
+        # Newer transformers flatten CLIPTextModel; the original layout always has `text_model.`.
+        name = key if key.startswith("text_model.") else f"text_model.{key}"
+        out["cond_stage_model.transformer." + name] = value
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def build_tiny_sd_single_file(path: Path, model_dir: Path | None = None, seed: int = 0) -> Path:
+    """Save the tiny SD model as one original-layout `.safetensors` file (A1111/ComfyUI style).
+
+    `model_dir` is a tiny diffusers folder to convert (built with `seed` when not given); load the
+    file back with `from_single_file(path, config=model_dir)`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(model_dir) if model_dir else build_tiny_sd(Path(tmp) / "sd", seed=seed)
+        state = sd_to_ldm_state_dict(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"format": "pt"})
+    return path
+
+
 # --------------------------------------------------------------------------- dataset
 
 
@@ -350,17 +473,20 @@ def build_tiny_blip(path: Path, seed: int = 0) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lora_trainer.tiny {sd,dataset,blip} PATH``: build one thing and print its path."""
+    """``python -m lora_trainer.tiny {sd,sd-file,dataset,blip} PATH``: build one thing and print its path."""
     parser = argparse.ArgumentParser(prog="python -m lora_trainer.tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("sd", "dataset", "blip"))
+    parser.add_argument("what", choices=("sd", "sd-file", "dataset", "blip"))
     parser.add_argument("path", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n", type=int, default=8, help="dataset: number of images")
     parser.add_argument("--resolution", type=int, default=TINY_RESOLUTION, help="dataset: image size")
     parser.add_argument("--captions", choices=("csv", "txt"), default="csv", help="dataset: caption format")
+    parser.add_argument("--model", type=Path, help="sd-file: the tiny diffusers folder to convert (else built)")
     args = parser.parse_args(argv)
     if args.what == "sd":
         built = build_tiny_sd(args.path, seed=args.seed)
+    elif args.what == "sd-file":
+        built = build_tiny_sd_single_file(args.path, model_dir=args.model, seed=args.seed)
     elif args.what == "blip":
         built = build_tiny_blip(args.path, seed=args.seed)
     else:
