@@ -69,7 +69,16 @@ class _Spec(BaseModel):
 class ModelSource(_Spec):
     """Where the base model lives."""
 
-    uri: Uri = Field(description="Diffusers model folder: s3://bucket/prefix/ (or file:// on a mounted volume).")
+    uri: Uri = Field(
+        description="Diffusers model folder (s3://bucket/prefix/), or one SD 1.x/2.x .safetensors checkpoint "
+        "(s3://bucket/models/v1-5-pruned.safetensors); file:// on a mounted volume. Pickle checkpoints "
+        "(.ckpt, .pt, .bin) are refused."
+    )
+    config: Uri | None = Field(
+        None,
+        description="For a single-file uri: a diffusers folder of the same model holding its configs "
+        "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; weights not needed).",
+    )
 
 
 class DatasetSpec(_Spec):
@@ -212,7 +221,7 @@ class JobSpec(_Spec):
     """spec of a LoRATrainingJob."""
 
     task: Task = Field("text-to-image", description="What is trained; only text-to-image for now.")
-    base_model: ModelSource = Field(description="The diffusers base model to adapt.")
+    base_model: ModelSource = Field(description="The base model to adapt: a diffusers folder or one .safetensors file.")
     dataset: DatasetSpec = Field(description="The captioned images to train on.")
     lora: LoraSpec = _obj(LoraSpec, "The LoRA adapter's shape.")
     training: TrainingSpec = _obj(TrainingSpec, "Optimisation settings.")
@@ -290,7 +299,10 @@ def overlap(a: str, b: str) -> str | None:
 
 def _check_output_apart(spec: JobSpec) -> None:
     # Writing into an input would change what a resumed attempt trains on, or delete it.
-    for field, uri in (("spec.baseModel.uri", spec.base_model.uri), ("spec.dataset.uri", spec.dataset.uri)):
+    inputs = [("spec.baseModel.uri", spec.base_model.uri), ("spec.dataset.uri", spec.dataset.uri)]
+    if spec.base_model.config:
+        inputs.append(("spec.baseModel.config", spec.base_model.config))
+    for field, uri in inputs:
         how = overlap(spec.output.uri, uri)
         if how:
             raise SpecError(
@@ -304,6 +316,7 @@ def _check_output_apart(spec: JobSpec) -> None:
 CONFIG_PATHS: dict[str, str] = {
     "task": "spec.task",
     "base_model": "spec.baseModel.uri",
+    "base_model_config": "spec.baseModel.config",
     "train_data_dir": "spec.dataset.uri",
     "metadata_path": "spec.dataset.captions",
     "caption_extension": "spec.dataset.captionExtension",
@@ -345,6 +358,7 @@ def to_train_config(spec: JobSpec) -> TrainConfig:
     data: dict[str, Any] = {
         "task": spec.task,
         "base_model": spec.base_model.uri,
+        "base_model_config": spec.base_model.config,
         "train_data_dir": spec.dataset.uri,
         "metadata_path": spec.dataset.captions,
         "caption_extension": spec.dataset.caption_extension,

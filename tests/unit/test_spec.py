@@ -128,3 +128,25 @@ def test_storage_retry_seconds_reaches_the_trainer() -> None:
     assert to_train_config(parse_spec(MINIMAL_SPEC)).storage_retry_seconds == 300
     spec = {**MINIMAL_SPEC, "storage": {**MINIMAL_SPEC["storage"], "retrySeconds": 20}}
     assert to_train_config(parse_spec(spec)).storage_retry_seconds == 20
+
+
+def test_single_file_base_model_and_its_config_pass_through() -> None:
+    spec = parse_spec({**MINIMAL_SPEC, "baseModel": {"uri": "s3://models/sd15/v1-5-pruned.safetensors",
+                                                     "config": "s3://models/sd15-configs/"}})
+    config = to_train_config(spec)
+    assert config.base_model == "s3://models/sd15/v1-5-pruned.safetensors"
+    assert config.base_model_config == "s3://models/sd15-configs/"
+    assert to_train_config(parse_spec(MINIMAL_SPEC)).base_model_config is None
+
+
+def test_pickle_base_model_is_refused_naming_the_crd_field() -> None:
+    with pytest.raises(SpecError) as info:
+        to_train_config(parse_spec({**MINIMAL_SPEC, "baseModel": {"uri": "s3://models/sd15/v1-5-pruned.ckpt"}}))
+    assert str(info.value).startswith("spec.baseModel.uri: ") and "pickle checkpoint" in str(info.value)
+
+
+def test_output_inside_the_base_model_config_is_refused() -> None:
+    data = {**MINIMAL_SPEC, "baseModel": {"uri": "s3://m/x.safetensors", "config": "s3://m/cfg/"},
+            "output": {"uri": "s3://m/cfg/out/"}}
+    with pytest.raises(SpecError, match=r"spec.output.uri: .* is inside spec.baseModel.config"):
+        parse_spec(data)
