@@ -52,6 +52,7 @@ def test_choose_local_absolute_relative_and_fallback(tmp_path: Path) -> None:
     assert choose_local("f", "./b", anchors) == (other / "b", None)
     assert choose_local("f", "new/out", anchors) == (cwd / "new/out", None)
     assert choose_local("f", "s3://bucket/x", anchors) == (None, None)
+    assert choose_local("f", "pvc://claim/x", anchors) == (None, None)
     assert choose_local("f", "file:///abs/y", anchors) == (Path("/abs/y"), None)
 
 

@@ -171,11 +171,12 @@ def problems_line(problems: list[str], fix: str) -> str:
 
 
 def local_path(value: str) -> Path | None:
-    """The local path a config value names (`file://` unwrapped, `~` expanded); None for s3://."""
-    if value.startswith("s3://"):
-        return None
+    """The local path a config value names (`file://` unwrapped, `~` expanded); None for s3:// and
+    any other scheme (left for the storage layer to accept or refuse)."""
     if value.startswith("file://"):
         value = urlparse(value).path
+    elif "://" in value:
+        return None
     return Path(value).expanduser()
 
 
