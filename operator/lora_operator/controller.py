@@ -1,16 +1,23 @@
 """The Kopf wiring: one daemon per LoRATrainingJob runs the level-based reconcile loop.
 
-Each loop pass reads the job and its pods fresh from the API server, asks the pure
-`reconcile.reconcile` what to do, does it, then writes the status. Pod events (and spec
-changes) only wake the job's loop early; the loop also runs every --progress-interval seconds,
-so a missed event or an operator restart changes nothing. All state lives in the job's status;
-the wake-up events below are hints, lost harmlessly on restart.
+Each loop pass looks at the job and its pods, asks the pure `reconcile.reconcile` what to do,
+does it, then writes the status. Pod events (and spec changes) wake the job's loop early; the
+loop also runs every --progress-interval seconds.
+
+Where a pass reads from: like controller-runtime's informer cache, Kopf's watch streams of the
+jobs and of their pods (label `lora-operator.dev/job`) keep the latest objects in memory
+(`ObjectCache`), together with what our own writes returned, so most passes make no API
+request. The cache is a copy, never the truth: a job's loop reads fresh (GET job, LIST pods) on
+its first pass after a start, every RESYNC_SECONDS, after an error, and before any decision that
+cannot be taken back (deleting a pod, charging a budget, a terminal phase, any attempt but the
+first), so a restart or a missed event changes nothing. All state lives in the job's status.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +34,8 @@ from lora_operator.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
 from lora_operator.status import TERMINAL_PHASES, bound_status, merge_patch, rejected_status
 
 ERROR_DELAY = 5.0  # seconds before a loop retries after the API or the store failed
+RESYNC_SECONDS = 300.0  # a job's loop reads the job and its pods fresh at least this often
+SECRET_TTL = 30.0  # seconds a Secret read is reused (we may only `get` Secrets, not watch them)
 WAKE_HANDLERS = ("job_event", "pod_event")
 
 
@@ -46,6 +55,76 @@ def post_event(job: Mapping[str, Any], type_: str, reason: str, message: str) ->
     kopf.event(job, type=type_, reason=reason, message=message)
 
 
+def _rv(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("resourceVersion") or "")
+
+
+def _older(rv: str, than: str) -> bool:
+    """Whether resourceVersion `rv` is strictly older than `than`. Versions are compared as numbers
+    (etcd revisions, as every API server we know hands out); anything else counts as not older."""
+    try:
+        return int(rv) < int(than)
+    except ValueError:
+        return False
+
+
+@dataclass
+class ObjectCache:
+    """The latest jobs and job pods seen in watch events and in our own writes' answers.
+
+    An object only replaces the cached one if it is not older (resourceVersion), so a watch
+    event that lags behind our own write does not roll the copy back; a deleted pod leaves a
+    tombstone, so a LIST answered before the deletion does not bring it back."""
+
+    jobs: dict[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
+    pods: dict[tuple[str, str], dict[str, Mapping[str, Any]]] = field(default_factory=dict)
+    gone: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+
+    def put_job(self, job: Mapping[str, Any]) -> None:
+        meta = job.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        old = self.jobs.get(key)
+        if old is None or not _older(_rv(job), _rv(old)):
+            self.jobs[key] = job
+
+    def drop_job(self, namespace: str, name: str) -> None:
+        for table in (self.jobs, self.pods, self.gone):
+            table.pop((namespace, name), None)
+
+    def put_pod(self, pod: Mapping[str, Any]) -> None:
+        meta = pod.get("metadata") or {}
+        key, name = (meta.get("namespace", ""), (meta.get("labels") or {}).get(JOB_LABEL, "")), meta.get("name", "")
+        if _older(_rv(pod), self.gone.get(key, {}).get(name, "")):
+            return  # a version from before its deletion
+        pods = self.pods.setdefault(key, {})
+        old = pods.get(name)
+        if old is None or not _older(_rv(pod), _rv(old)):
+            pods[name] = pod
+
+    def delete_pod(self, pod: Mapping[str, Any]) -> None:
+        meta = pod.get("metadata") or {}
+        key, name = (meta.get("namespace", ""), (meta.get("labels") or {}).get(JOB_LABEL, "")), meta.get("name", "")
+        self.pods.get(key, {}).pop(name, None)
+        self.gone.setdefault(key, {})[name] = _rv(pod)
+
+    def replace_pods(self, namespace: str, job: str, listed: list[dict[str, Any]]) -> None:
+        """A fresh LIST of the job's pods: the truth as of its answer, except versions we know are newer."""
+        key = (namespace, job)
+        old, gone = self.pods.get(key, {}), self.gone.get(key, {})
+        fresh: dict[str, Mapping[str, Any]] = {}
+        for pod in listed:
+            name = pod["metadata"]["name"]
+            if _older(_rv(pod), gone.get(name, "")):
+                continue
+            cached = old.get(name)
+            fresh[name] = cached if cached is not None and _older(_rv(pod), _rv(cached)) else pod
+        self.pods[key] = fresh
+
+    def view(self, namespace: str, name: str) -> tuple[Mapping[str, Any], list[Mapping[str, Any]]] | None:
+        job = self.jobs.get((namespace, name))
+        return None if job is None else (job, list(self.pods.get((namespace, name), {}).values()))
+
+
 @dataclass
 class Memo:
     """What every handler of one operator shares (kopf passes it as `memo`)."""
@@ -54,6 +133,20 @@ class Memo:
     kube: k.Kube
     wakeups: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
     events: Callable[[Mapping[str, Any], str, str, str], None] = post_event
+    cache: ObjectCache = field(default_factory=ObjectCache)
+    secrets: dict[tuple[str, str], tuple[float, dict[str, str] | None]] = field(default_factory=dict)
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The Secret's data, reused for SECRET_TTL seconds (a rotated key is seen within that)."""
+        now = time.monotonic()
+        hit = self.secrets.get((namespace, name))
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        data = await self.kube.read_secret(namespace, name)
+        if len(self.secrets) > 4096:
+            self.secrets = {key: v for key, v in self.secrets.items() if v[0] > now}
+        self.secrets[(namespace, name)] = (now + SECRET_TTL, data)
+        return data
 
     def wake(self, namespace: str, name: str) -> None:
         """Make the job's loop run now rather than at its next tick."""
@@ -62,10 +155,26 @@ class Memo:
             event.set()
 
 
+class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
+    """Kopf's essence of an object, without first deep-copying what it throws away.
+
+    Kopf builds the essence (spec, labels, annotations) of every job on every watch event by
+    deep-copying the whole body, then deleting metadata and status. A job's managedFields and
+    status are most of its body: at 500 jobs that copy was a large part of the operator's CPU."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        if extra_fields:  # a handler that watches a status field needs the whole body
+            return super().build(body=body, extra_fields=extra_fields)
+        meta = body.get("metadata") or {}
+        lean = {key: value for key, value in body.items() if key not in ("metadata", "status")}
+        lean["metadata"] = {key: meta[key] for key in ("labels", "annotations") if key in meta}
+        return super().build(body=kopf.Body(lean), extra_fields=extra_fields)
+
+
 def _configure(kopf_settings: kopf.OperatorSettings) -> None:
     # Kopf's own bookkeeping goes to annotations: the structural schema would prune status.kopf.
     kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    kopf_settings.persistence.diffbase_storage = LeanDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
     kopf_settings.persistence.finalizer = f"{GROUP}/finalizer"
     # Events are posted explicitly, one per transition; log lines must not become Events too.
@@ -85,13 +194,12 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-async def _observe(memo: Memo, job: dict[str, Any]) -> tuple[Observed, str]:
-    """Everything `reconcile` looks at, read fresh: pods, node health, the trainer's progress
-    (and why progress could not be read, if so)."""
+async def _observe(memo: Memo, job: Mapping[str, Any], pods: list[Mapping[str, Any]]) -> tuple[Observed, str]:
+    """Everything `reconcile` looks at: the job and its pods as given, node health (read fresh,
+    for a pod stuck terminating), the trainer's progress (and why it could not be read, if so)."""
     meta = job["metadata"]
-    ns, name = meta["namespace"], meta["name"]
+    ns = meta["namespace"]
     now = _now()
-    pods = await memo.kube.list_pods(ns, name)
     nodes: dict[str, bool] = {}
     for pod in pods:
         node = (pod.get("spec") or {}).get("nodeName") or ""
@@ -107,7 +215,7 @@ async def _observe(memo: Memo, job: dict[str, Any]) -> tuple[Observed, str]:
         try:
             spec = parse_spec(job.get("spec") or {})
             secret = spec.storage.credentials_secret
-            data = await memo.kube.read_secret(ns, secret) if secret else None
+            data = await memo.read_secret(ns, secret) if secret else None
             creds = credentials_from_secret(data, spec.storage)
             if secret and creds is None:
                 problem = f"secret {secret} or its keys {spec.storage.access_key_id_key}/" \
@@ -128,15 +236,21 @@ def _refused(exc: k.KubeError) -> bool:
     return isinstance(exc, k.Invalid) or exc.status == 413
 
 
+class _Stale(Exception):
+    """A decision taken on cached objects met a world that differs (409 on create): read fresh."""
+
+
 @dataclass
 class _LoopState:
-    """Per-loop log de-duplication only; losing it on restart costs one repeated log line."""
+    """Per-loop log de-duplication and when the loop last read fresh; losing it on restart
+    costs one repeated log line and one fresh read."""
 
     progress_problem: str = ""
     status_problem: str = ""
+    fresh_at: float | None = None  # time.monotonic() of the last fresh read; None: not yet
 
 
-async def _write_status(memo: Memo, job: dict[str, Any], decision: Decision, now: datetime,
+async def _write_status(memo: Memo, job: Mapping[str, Any], decision: Decision, now: datetime,
                         logger: logging.Logger | kopf.Logger, loop: _LoopState) -> None:
     """Write the decision's status; if the API refuses it, write the short `rejected_status`
     (condition StatusRejected) instead, logging the refusal once. StatusRefused if both fail."""
@@ -146,7 +260,7 @@ async def _write_status(memo: Memo, job: dict[str, Any], decision: Decision, now
     if not patch:
         return
     try:
-        await memo.kube.patch_job_status(ns, name, patch)
+        memo.cache.put_job(await memo.kube.patch_job_status(ns, name, patch))
         loop.status_problem = ""
         return
     except k.KubeError as exc:
@@ -163,15 +277,15 @@ async def _write_status(memo: Memo, job: dict[str, Any], decision: Decision, now
     if not patch:
         return  # the same short status as last pass: already stored
     try:
-        await memo.kube.patch_job_status(ns, name, patch)
+        memo.cache.put_job(await memo.kube.patch_job_status(ns, name, patch))
     except k.KubeError as exc:
         if not _refused(exc):
             raise
         raise StatusRefused(f"the API server refused the short status too: {str(exc)[:2000]}", exc.status) from exc
 
 
-async def _apply(memo: Memo, job: dict[str, Any], obs: Observed, decision: Decision,
-                 logger: logging.Logger | kopf.Logger, loop: _LoopState | None = None) -> Decision:
+async def _apply(memo: Memo, job: Mapping[str, Any], obs: Observed, decision: Decision,
+                 logger: logging.Logger | kopf.Logger, loop: _LoopState | None = None, cached: bool = False) -> Decision:
     """Do the actions in order, write the status (only if it changed), then post the events.
 
     Events go last, once the status that records their transition is stored: a pass whose
@@ -182,8 +296,10 @@ async def _apply(memo: Memo, job: dict[str, Any], obs: Observed, decision: Decis
     for action in decision.actions:
         if isinstance(action, CreatePod):
             try:
-                await memo.kube.create_pod(action.pod)
+                memo.cache.put_pod(await memo.kube.create_pod(action.pod))
             except k.AlreadyExists:
+                if cached:
+                    raise _Stale(f"pod {action.pod['metadata']['name']} exists already") from None
                 pass  # a pass before us created it (deterministic name): done
             except k.Invalid as exc:
                 decision = pod_rejected(obs, memo.settings, str(exc))
@@ -200,22 +316,80 @@ async def _apply(memo: Memo, job: dict[str, Any], obs: Observed, decision: Decis
     return decision
 
 
-async def reconcile_job(memo: Memo, namespace: str, name: str, logger: logging.Logger | kopf.Logger,
-                        loop: _LoopState | None = None) -> float | None:
-    """One level-based pass over a job; returns seconds until it wants another (None: job gone)."""
+def _needs_fresh_look(old: Mapping[str, Any], decision: Decision) -> bool:
+    """Whether a decision taken on cached objects must be taken again on fresh reads before it is
+    done: anything that cannot be taken back. Creating the first attempt's pod can (its name is
+    deterministic: a 409 sends the pass back for a fresh look), and so can mirroring progress or
+    the pod's phase (the next pass corrects a status written from a lagging copy)."""
+    first_pod = (old.get("attempt") or 0) == 0 and decision.status.get("attempt") == 1
+    for action in decision.actions:
+        if isinstance(action, DeletePod) or not first_pod:
+            return True
+    new = decision.status
+    if (new.get("attempt") or 0) != (old.get("attempt") or 0) and not first_pod:
+        return True
+    if new.get("lastAttempt") != old.get("lastAttempt"):
+        return True
+    if any((new.get(key) or 0) != (old.get(key) or 0) for key in ("preemptions", "failures")):
+        return True
+    return new.get("phase") in TERMINAL_PHASES and new.get("phase") != old.get("phase")
+
+
+async def _read_fresh(memo: Memo, namespace: str, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """GET the job and LIST its pods, and put what came back into the cache."""
     job = await memo.kube.get_job(namespace, name)
-    if job is None or job["metadata"].get("deletionTimestamp"):
-        return None  # deleting a job deletes its pods by owner references, its data stays in S3
-    obs, problem = await _observe(memo, job)
+    if job is None:
+        return None
+    pods = await memo.kube.list_pods(namespace, name)
+    memo.cache.put_job(job)
+    memo.cache.replace_pods(namespace, name, pods)
+    return job, pods
+
+
+async def reconcile_job(memo: Memo, namespace: str, name: str, logger: logging.Logger | kopf.Logger,
+                        loop: _LoopState | None = None, cached: bool = False) -> float | None:
+    """One level-based pass over a job; returns seconds until it wants another (None: job gone).
+
+    `cached`: decide on the cached job and pods when the cache has the job (see the module's
+    docstring for when the pass reads fresh anyway)."""
     loop = loop or _LoopState()
+    seen = memo.cache.view(namespace, name) if cached else None
+    if seen is None:
+        cached = False
+        seen = await _read_fresh(memo, namespace, name)
+        loop.fresh_at = time.monotonic()
+    if seen is None:
+        return None
+    job, pods = seen
+    if job["metadata"].get("deletionTimestamp"):
+        return None  # deleting a job deletes its pods by owner references, its data stays in S3
+    obs, problem = await _observe(memo, job, pods)
     if problem and problem != loop.progress_problem:
         logger.warning("attempt %s: progress not read: %s", (job.get("status") or {}).get("attempt"), problem)
     loop.progress_problem = problem
-    decision = await _apply(memo, job, obs, reconcile(obs, memo.settings), logger, loop)
+    decision = reconcile(obs, memo.settings)
+    if cached and _needs_fresh_look(job.get("status") or {}, decision):
+        return await reconcile_job(memo, namespace, name, logger, loop, cached=False)
+    try:
+        decision = await _apply(memo, job, obs, decision, logger, loop, cached=cached)
+    except _Stale:
+        return await reconcile_job(memo, namespace, name, logger, loop, cached=False)
     if decision.status.get("phase") in TERMINAL_PHASES:
         return None
     interval = memo.settings.progress_interval
     return interval if decision.requeue_after is None else min(interval, decision.requeue_after)
+
+
+def _may_use_cache(memo: Memo, namespace: str, name: str, loop: _LoopState) -> bool:
+    """A loop's first pass reads fresh, unless the job is new (no attempt yet, no pod seen): its
+    first pod must not wait for a LIST. Later passes read fresh every RESYNC_SECONDS."""
+    if loop.fresh_at is not None:
+        return time.monotonic() - loop.fresh_at < RESYNC_SECONDS
+    seen = memo.cache.view(namespace, name)
+    if seen is None or seen[1] or (seen[0].get("status") or {}).get("attempt"):
+        return False
+    loop.fresh_at = time.monotonic()  # a new job: what the watches showed since its creation is all there is
+    return True
 
 
 async def _wait(event: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float | None) -> None:
@@ -241,16 +415,17 @@ async def job_loop(memo: Memo, namespace: str, name: str, stopped: kopf.DaemonSt
         while not stopped:
             wake.clear()
             try:
-                delay = await reconcile_job(memo, namespace, name, logger, state)
+                delay = await reconcile_job(memo, namespace, name, logger, state,
+                                            cached=_may_use_cache(memo, namespace, name, state))
             except StatusRefused as exc:  # logged once in _write_status; no events were posted
                 logger.debug("status refused, retrying in %ss: %s", ERROR_DELAY, exc)
-                delay = ERROR_DELAY
+                delay, state.fresh_at = ERROR_DELAY, None
             except k.KubeError as exc:
                 logger.warning("reconcile failed, retrying in %ss: %s", ERROR_DELAY, exc)
-                delay = ERROR_DELAY
+                delay, state.fresh_at = ERROR_DELAY, None
             except Exception as exc:  # never crash-loop: log it and try again later
                 logger.exception("unexpected error, retrying in %ss: %s", ERROR_DELAY, type(exc).__name__)
-                delay = ERROR_DELAY
+                delay, state.fresh_at = ERROR_DELAY, None
             # A finished job only wakes up for events (spec edits); no polling.
             await _wait(wake, stopped, None if delay is None else max(0.0, delay))
     finally:
@@ -302,19 +477,33 @@ def build_registry(memo: Memo) -> kopf.OperatorRegistry:
         memo.kube.close()
 
     @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=5.0)
-    async def job_daemon(namespace: str, name: str, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any) -> None:
-        await job_loop(memo, namespace, name, stopped, logger)
+    async def job_daemon(namespace: str, name: str, body: kopf.Body, stopped: kopf.DaemonStopped,
+                         logger: kopf.Logger, **_: Any) -> None:
+        memo.cache.put_job(dict(body))  # the object that spawned the daemon: a new job's first pass needs no GET
+        try:
+            await job_loop(memo, namespace, name, stopped, logger)
+        finally:
+            if stopped:  # the job is gone (or the operator stops): forget its objects
+                memo.cache.drop_job(namespace, name)
 
     # Event handlers are async on purpose: Kopf runs sync handlers in a worker thread, and
     # asyncio.Event.set() from another thread is not thread-safe (the loop may not wake up).
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    async def job_event(body: Mapping[str, Any], **_: Any) -> None:
+    async def job_event(body: Mapping[str, Any], event: Mapping[str, Any], **_: Any) -> None:
         meta, status = body.get("metadata") or {}, body.get("status") or {}
+        raw = event.get("object")
+        if event.get("type") == "DELETED":
+            memo.cache.drop_job(meta.get("namespace", ""), meta.get("name", ""))
+        elif isinstance(raw, dict):
+            memo.cache.put_job(raw)
         if meta.get("generation") != status.get("observedGeneration"):  # a spec edit, not our status write
             memo.wake(meta.get("namespace", ""), meta.get("name", ""))
 
     @kopf.on.event("v1", "pods", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
-    async def pod_event(namespace: str, labels: Mapping[str, str], **_: Any) -> None:
+    async def pod_event(namespace: str, labels: Mapping[str, str], event: Mapping[str, Any], **_: Any) -> None:
+        raw = event.get("object")
+        if isinstance(raw, dict):
+            (memo.cache.delete_pod if event.get("type") == "DELETED" else memo.cache.put_pod)(raw)
         memo.wake(namespace, labels[JOB_LABEL])
 
     return registry
