@@ -215,7 +215,8 @@ def run(target_name: str, args: argparse.Namespace) -> dict[str, Any]:
             core.create_namespace({"metadata": {"name": NAMESPACE}})
             if target.real:
                 wait_for_default_service_account(core)
-            env = {**os.environ, "LORA_OPERATOR_PROGRESS_INTERVAL": str(PROGRESS_INTERVAL)}
+            env = {**os.environ, "LORA_OPERATOR_PROGRESS_INTERVAL": str(PROGRESS_INTERVAL),
+                   "LORA_OPERATOR_ALLOWED_ENDPOINTS": "*,127.0.0.1"}  # examples/tiny-job.yaml's S3
             if args.operator_src:  # another checkout's operator package (e.g. a worktree of the baseline)
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.operator_src), env.get("PYTHONPATH")]))
             profile = [] if not args.profile else ["-m", "cProfile", "-o", str(Path(args.profile).resolve())]

@@ -47,6 +47,19 @@ def _configure_logging(settings: Settings, verbose: bool) -> None:
     )
 
 
+def _with_api_server(settings: Settings, kubeconfig: str | None) -> Settings:
+    """The settings, with the API server this process talks to among those jobs may not name."""
+    from lora_operator.kube import load_configuration
+
+    try:
+        host = load_configuration(kubeconfig).host
+    except Exception:  # no configuration: run_operator reports it
+        return settings
+    if not host or host in settings.api_servers:
+        return settings
+    return settings.model_copy(update={"api_servers": [*settings.api_servers, host]})
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         settings = from_args(args)
@@ -57,9 +70,12 @@ def _run(args: argparse.Namespace) -> int:
     from lora_operator.controller import run_operator
 
     _configure_logging(settings, args.verbose)
+    settings = _with_api_server(settings, args.kubeconfig)
     logging.getLogger(__name__).info(
-        "starting: namespaces=%s image=%s peering=%s", settings.namespaces or "all", settings.trainer_image,
+        "starting: namespaces=%s image=%s peering=%s allowed endpoints=%s", settings.namespaces or "all",
+        settings.trainer_image,
         "standalone" if settings.standalone else f"{settings.peering} priority={peering_priority(settings)}",
+        ",".join(settings.allowed_endpoints),
     )
     try:
         asyncio.run(run_operator(settings, kubeconfig=args.kubeconfig))

@@ -8,6 +8,9 @@ Bounded, because one job's bucket must not hurt the operator every job shares:
   endpoint costs a pass at most ~16 s per file; a slow store delays one status update, never a
   job's loop. These are the operator's own bounds, independent of spec.storage.retrySeconds
   (which is the trainer's budget: the operator only mirrors, it never waits for the store);
+- where: a job's endpoint must pass the operator's allow-list (`check_endpoint`, before the
+  Secret is read): reconcile fails such a job (EndpointNotAllowed) before its first pod, so
+  its progress is never read;
 - size: each file is fetched with a ranged GET of its first 64 KiB + 1 byte, and at most that
   much is read even from a server that ignores the range; a bigger file is refused with a
   ProgressUnavailable naming it (the trainer writes a few hundred bytes).
@@ -27,6 +30,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ValidationError
 
+from lora_operator.settings import Settings, endpoint_refusal
 from lora_operator.spec import StorageSpec
 from lora_trainer.contract import LATEST_FILE, PROGRESS_FILE, LatestPointer, Progress
 
@@ -121,6 +125,13 @@ def _read(client: Any, bucket: str, key: str, model: type[BaseModel]) -> Any:
         return model.model_validate_json(body)
     except ValidationError:
         raise ProgressUnavailable(f"s3://{bucket}/{key} is not valid {model.__name__} JSON") from None
+
+
+def check_endpoint(storage: StorageSpec, settings: Settings) -> None:
+    """ProgressUnavailable when the job's endpoint is not allowed: read neither its Secret nor its store."""
+    refusal = endpoint_refusal(storage, settings)
+    if refusal:
+        raise ProgressUnavailable(refusal)
 
 
 def read_progress(

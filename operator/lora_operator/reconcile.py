@@ -33,8 +33,9 @@ from lora_operator.classify import (
     stuck_terminating,
     vanished,
 )
+from lora_operator.endpoints import ENDPOINT_NOT_ALLOWED
 from lora_operator.pods import build_pod, check_job_name, pod_name
-from lora_operator.settings import Settings
+from lora_operator.settings import Settings, endpoint_refusal
 from lora_operator.spec import JobSpec, SpecError, parse_spec, to_train_config
 from lora_trainer.contract import LatestPointer, Progress
 
@@ -156,6 +157,10 @@ class _Run:
             to_train_config(spec)
         except SpecError as exc:
             self.fail(Reason.INVALID_SPEC, str(exc))
+            return self.finish()
+        refusal = endpoint_refusal(spec.storage, self.settings)
+        if refusal:  # before any pod: neither the trainer nor the operator may reach it
+            self.fail(ENDPOINT_NOT_ALLOWED, refusal)
             return self.finish()
         self.s["outputs"] = st.outputs(spec.output.uri)
         self.check_current(spec)

@@ -8,6 +8,13 @@ never share one. `--priority` / LORA_OPERATOR_PRIORITY sets it; otherwise it is 
 pod's name (POD_NAME, which the chart sets from metadata.name; else the host name, which is the
 pod's name in a Deployment) by a hash, so it is stable across restarts of the same pod and two
 pods of one Deployment collide with a chance of about 1 in 2^31.
+
+S3 endpoints: `--allowed-endpoints` / LORA_OPERATOR_ALLOWED_ENDPOINTS (comma-separated host
+patterns with optional ports, see lora_operator.endpoints) lists the endpoints jobs may name; the
+default `*` admits any host except loopback, link-local/metadata addresses and the API server.
+A dev cluster whose S3 listens on 127.0.0.1 must allow it explicitly: `--allowed-endpoints 127.0.0.1`.
+The API server's own address comes from KUBERNETES_SERVICE_HOST/PORT in a pod, and `lora-operator
+run` adds the host of the kubeconfig it uses (LORA_OPERATOR_API_SERVERS adds more).
 """
 
 from __future__ import annotations
@@ -17,14 +24,38 @@ import hashlib
 import os
 import socket
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from lora_operator import endpoints
+from lora_operator.endpoints import DEFAULT_ALLOWED, RuleError, parse_rule
+
+if TYPE_CHECKING:
+    from lora_operator.spec import StorageSpec
+
 DEFAULT_TRAINER_IMAGE = "ghcr.io/lora-operator/trainer:0.1.0"
 MAX_PRIORITY = 2**31 - 1  # Kopf stores the priority in the peering object as an integer
 POD_NAME_ENV = "POD_NAME"
+
+
+def in_cluster_api_servers(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The API server's address as a pod sees it (KUBERNETES_SERVICE_HOST/PORT); empty outside a pod."""
+    env = os.environ if environ is None else environ
+    host, port = env.get("KUBERNETES_SERVICE_HOST", ""), env.get("KUBERNETES_SERVICE_PORT", "443")
+    if not host:
+        return []
+    return [f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"]
+
+
+def _split_list(value: Any) -> Any:
+    """A comma-separated string (env) or a list of them (repeated flags) → the items."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list | tuple):
+        return [item.strip() for v in value for item in str(v).split(",") if item.strip()]
+    return value
 
 
 class Settings(BaseSettings):
@@ -49,13 +80,37 @@ class Settings(BaseSettings):
         None, ge=0, le=MAX_PRIORITY,
         description="Kopf peering priority; unset derives a distinct one from the pod's name (POD_NAME).",
     )
+    allowed_endpoints: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_ALLOWED),
+        description="S3 endpoints jobs may name (host patterns, optional :port); empty means the default, *.",
+    )
+    api_servers: Annotated[list[str], NoDecode] = Field(
+        default_factory=in_cluster_api_servers,
+        description="The API server's own URLs, refused as S3 endpoints; default from KUBERNETES_SERVICE_HOST.",
+    )
 
-    @field_validator("namespaces", mode="before")
+    @field_validator("namespaces", "api_servers", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [ns.strip() for ns in value.split(",") if ns.strip()]
-        return value
+        return _split_list(value)
+
+    @field_validator("allowed_endpoints", mode="before")
+    @classmethod
+    def _rules(cls, value: Any) -> Any:
+        items = _split_list(value)
+        if isinstance(items, list):
+            for item in items:
+                try:
+                    parse_rule(item)
+                except RuleError as exc:
+                    raise ValueError(str(exc)) from None
+            return items or list(DEFAULT_ALLOWED)
+        return items
+
+
+def endpoint_refusal(storage: StorageSpec, settings: Settings) -> str | None:
+    """Why a job's spec.storage may not be used under these settings (None: it may); pure."""
+    return endpoints.endpoint_refusal(storage.endpoint, storage.region, settings.allowed_endpoints, settings.api_servers)
 
 
 def priority_from_name(name: str) -> int:
@@ -90,6 +145,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--standalone", action="store_true", default=None, help="run without peering")
     parser.add_argument("--priority", type=int,
                         help="Kopf peering priority (LORA_OPERATOR_PRIORITY); default: a hash of $POD_NAME")
+    parser.add_argument("--allowed-endpoints", action="append", metavar="PATTERNS",
+                        help="S3 endpoints jobs may name, comma-separated host patterns with optional ports, "
+                             "e.g. 'minio.minio.svc:9000,*.amazonaws.com' (repeatable; "
+                             "LORA_OPERATOR_ALLOWED_ENDPOINTS); default * = any host except loopback, "
+                             "link-local/metadata and the API server; a dev cluster adds 127.0.0.1")
 
 
 def from_args(args: argparse.Namespace | None = None, **overrides: Any) -> Settings:

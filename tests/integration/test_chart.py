@@ -57,6 +57,7 @@ CUSTOM: dict[str, Any] = {
         "backoffBase": 5,
         "backoffMax": 120,
         "logFormat": "text",
+        "allowedEndpoints": ["minio.minio.svc:9000", "*.amazonaws.com"],
     },
     "peering": {"name": "lora-prod"},
     "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/lora"}},
@@ -277,6 +278,7 @@ def test_deployment_defaults() -> None:
         "LORA_OPERATOR_BACKOFF_BASE": "10",
         "LORA_OPERATOR_BACKOFF_MAX": "600",
         "LORA_OPERATOR_LOG_FORMAT": "json",
+        "LORA_OPERATOR_ALLOWED_ENDPOINTS": "*",
         "LORA_OPERATOR_LIVENESS": "http://0.0.0.0:8080/healthz",
         "LORA_OPERATOR_PEERING": "lora-operator",
         "LORA_OPERATOR_STANDALONE": "true",
@@ -304,6 +306,7 @@ def test_deployment_with_custom_values() -> None:
     assert env["LORA_OPERATOR_NAMESPACES"] == "ml,research"
     assert env["LORA_OPERATOR_TRAINER_IMAGE"] == "registry.example.com/lo/trainer:1.2.3-cu124"
     assert env["LORA_OPERATOR_LOG_FORMAT"] == "text"
+    assert env["LORA_OPERATOR_ALLOWED_ENDPOINTS"] == "minio.minio.svc:9000,*.amazonaws.com"
     assert env["LORA_OPERATOR_PROGRESS_INTERVAL"] == "30"
     assert env["LORA_OPERATOR_BACKOFF_MAX"] == "120"
     assert env["LORA_OPERATOR_LIVENESS"] == "http://0.0.0.0:9090/healthz"
@@ -353,6 +356,9 @@ TYPOS = [
     {"rbac": {"secretName": ["a"]}},
     {"securityContext": {"runAsNonroot": True}},
     {"config": {"logFormat": "yaml"}},
+    {"config": {"allowedEndpoints": []}},
+    {"config": {"allowedEndpoints": ["http://minio:9000"]}},
+    {"config": {"allowedEndpoints": "minio:9000,s3:9000"}},
     {"replicaCount": 0},
 ]
 

@@ -131,7 +131,9 @@ FORBIDDEN_MARKS = ("403", "Forbidden", "forbidden", "Not enough permissions")
 def test_chart_install_and_reclaim_as_service_account(plane: ControlPlane, s3_env: Any, tmp_path: pathlib.Path,
                                                       mode: str) -> None:
     ns = f"ml-{mode.split('-')[0]}"
-    values = {"watchNamespaces": [ns]} if mode == "watch-namespaces" else {}
+    values: dict[str, Any] = {"config": {"allowedEndpoints": ["*", "127.0.0.1"]}}  # the tests' S3 on loopback
+    if mode == "watch-namespaces":
+        values["watchNamespaces"] = [ns]
     restricted_namespace(plane, ns)
     try:
         with installed(plane, values) as objects:

@@ -16,6 +16,9 @@ Behaviours tested:
 - a missing secret (CreateContainerConfigError) → Stalled after the (short) pending deadline;
 - the operator restarted mid-job creates no duplicate pod;
 - the liveness endpoint answers 200 while the operator runs.
+- a job aimed at an endpoint the allow-list refuses (169.254.169.254; 127.0.0.2, loopback that the
+  tests' allow-list does not name) is Failed with reason EndpointNotAllowed, gets no pod, and the
+  operator never connects to it (a listener on 127.0.0.2 sees no connection).
 - hostile trainer output never wedges a job: a termination message with a 2000-character reason
   and a latest.json with a 40 KB path are bounded in status (which a real API server validates
   against the CRD, as the emulator does), the next attempt starts, and each Event is posted once.
@@ -58,7 +61,9 @@ def operator(kube_api: KubeTarget, namespace: str, **overrides: Any) -> Iterator
     settings = Settings(**{
         "namespaces": [namespace], "standalone": True, "liveness": "", "trainer_image": "trainer:test",
         "progress_interval": 1.0, "pending_deadline": 2.0, "terminating_grace": 1.0,
-        "backoff_base": 0.2, "backoff_max": 1.0, **overrides,
+        "backoff_base": 0.2, "backoff_max": 1.0,
+        "allowed_endpoints": ["*", "127.0.0.1"],  # the tests' S3 listens on 127.0.0.1 (refused by default)
+        **overrides,
     })
     stop, ready = threading.Event(), threading.Event()
     errors: list[BaseException] = []
@@ -476,3 +481,44 @@ def test_hostile_reason_and_checkpoint_path_do_not_wedge_the_job(kube_api: KubeT
         assert not c.condition("hostile", "StatusRejected")
         events = [e.reason for e in c.core.list_namespaced_event(c.ns).items if e.involved_object.name == "hostile"]
         assert events.count("Failed") == 1 and events.count("Recovering") == 1 and events.count("CheckpointCommitted") == 1
+
+
+def test_refused_endpoints_fail_the_job_without_a_request(kube_api: KubeTarget, cluster: Cluster) -> None:
+    c = cluster
+    connections: list[tuple[str, int]] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.2", 0))  # loopback, but not the 127.0.0.1 the tests' operator allows
+        listener.listen(8)
+        listener.settimeout(0.2)
+        port = listener.getsockname()[1]
+        done = threading.Event()
+
+        def accept() -> None:
+            while not done.is_set():
+                try:
+                    conn, peer = listener.accept()
+                except TimeoutError:
+                    continue
+                connections.append(peer)
+                conn.close()
+
+        thread = threading.Thread(target=accept, name="listener", daemon=True)
+        thread.start()
+        try:
+            with operator(kube_api, c.ns):
+                c.create_job("metadata", job_spec("http://169.254.169.254"))
+                c.create_job("loopback", job_spec(f"http://127.0.0.2:{port}"))
+                for name in ("metadata", "loopback"):
+                    eventually(lambda name=name: _assert(c.status(name).get("phase") == "Failed"), 20)
+                time.sleep(3)  # three progress intervals: a job with a pod would have been read by now
+                for name, where in (("metadata", "169.254.169.254:80 is link-local"),
+                                    ("loopback", f"127.0.0.2:{port} is loopback")):
+                    st = c.status(name)
+                    assert st["reason"] == "EndpointNotAllowed" and where in st["message"], st
+                    assert st["message"].startswith("spec.storage.endpoint ")
+                    assert c.condition(name, "Stalled")["reason"] == "EndpointNotAllowed"
+                    assert not st.get("attempt") and c.pods(name) == []
+        finally:
+            done.set()
+            thread.join(5)
+    assert connections == [], f"the operator connected to a refused endpoint: {connections}"

@@ -40,7 +40,8 @@ def replicas(kube_api: KubeTarget, namespace: str, tmp_path: Path, *extra: str) 
     """The two operator pods of a Deployment: own processes (own Kopf identities), own POD_NAME."""
     procs = []
     for pod in REPLICAS:
-        env = {**os.environ, "POD_NAME": pod, "LORA_OPERATOR_PROGRESS_INTERVAL": "1"}
+        env = {**os.environ, "POD_NAME": pod, "LORA_OPERATOR_PROGRESS_INTERVAL": "1",
+               "LORA_OPERATOR_ALLOWED_ENDPOINTS": "*,127.0.0.1"}  # examples/tiny-job.yaml's S3
         log = open(tmp_path / f"{pod}.log", "w")  # noqa: SIM115 (closed with the process)
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "lora_operator", "run", "--namespace", namespace, "--peering", PEERING,

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -148,8 +149,11 @@ class Scenario:
         log_file = self.workdir / "logs" / "operator.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         self.log_files["operator"] = log_file
+        # The dev cluster's S3 listens on loopback, which the operator refuses unless it is named.
+        s3_host = urlsplit(self.cluster.s3_endpoint).hostname or "127.0.0.1"
         argv = [sys.executable, "-m", "lora_operator", "run", "--kubeconfig", str(self.cluster.kubeconfig),
-                "--standalone", "--liveness", "", "--progress-interval", str(self.progress_interval)]
+                "--standalone", "--liveness", "", "--progress-interval", str(self.progress_interval),
+                "--allowed-endpoints", f"*,{s3_host}"]
         with log_file.open("wb") as out:
             # Own session: a Ctrl-C reaches the demo only, which then stops the operator in order.
             self.operator = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
