@@ -101,10 +101,11 @@ def wait_for(predicate, timeout: float, every: float = 0.05) -> None:
 def test_random_kills_resume_exactly(s3_env: S3Env, inputs, reference: Reference, tmp_path: Path) -> None:
     config = chaos_config(*inputs, s3_env.uri("chaos"), s3_env.s3, tmp_path / "cache")
     tally = chaos_run(config, child_env(s3_env), tmp_path, s3_env.s3, reference, kills=3, rng=random.Random(7))
-    # The first kill never targets the export, so it lands; a later one in the export can be outrun.
-    # The last planned kill waits for a committed checkpoint if there is none, so some attempt resumes
-    # (counted from its "resumed from step N" line, also when it resumed at the last step).
-    assert tally.kills >= 1 and tally.kills + tally.missed == 3
+    # The first kill never targets the export, so it lands. A later one in the export can be outrun, or
+    # be a SIGTERM the trainer answers by finishing (exit 0): either ends the run early. The export is
+    # drawn only once a checkpoint is committed, and the last planned kill waits for one, so some
+    # attempt resumes (counted from its "resumed from step N" line, also when it resumed at the end).
+    assert 1 <= tally.kills <= 3 and tally.kills + tally.missed <= 3
     assert tally.resumes >= 1
     assert tally.problems == []
     assert tally.final_exact and tally.losses_exact
