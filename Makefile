@@ -1,18 +1,24 @@
-# Everything installs into .venv; torch==2.13.0 goes in first so pip never pulls a CUDA build here.
-PYTHON ?= python3
+# Everything installs into .venv through requirements/constraints.txt (the one version truth, shared
+# with both Dockerfiles; regenerate with `python requirements/lock.py`). torch goes in first, at the
+# locked version, so pip takes the local CPU build where there is one instead of a CUDA build.
+LOCK := requirements/constraints.txt
+TORCH_VERSION := $(shell sed -n 's/^torch==\([^ ;]*\).*/\1/p' $(LOCK))
+PYTHON_VERSION := $(shell sed -n 's/^\# python_version: *//p' $(LOCK))
+PYTHON ?= $(shell command -v python$(PYTHON_VERSION) || echo python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut -c1-12)
 
 .PHONY: install envtest test demo demo-trainer lint chaos bench crd clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; v == "$(PYTHON_VERSION)" or print(f"warning: $(VENV) runs Python {v}; $(LOCK) was resolved for $(PYTHON_VERSION)")'
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[trainer,operator,dev]'
+	$(PY) -m pip install -q -c $(LOCK) torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -c $(LOCK) -e '.[trainer,operator,dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 # A real control plane for the Kubernetes tier, envtest-style: ../shared/envtest's archive unpacks

@@ -2,6 +2,8 @@
 # builds and pushes $(IMAGE_REPO)/operator:$(IMAGE_TAG) and $(IMAGE_REPO)/trainer:$(IMAGE_TAG).
 # Included from the Makefile. Needs docker (or a CLI with the same build/push verbs via DOCKER=).
 # The build context is the repository root; .dockerignore keeps it to the sources.
+# Both images install through requirements/constraints.txt, the lock `make install` and the tests
+# use: the same versions, the same torch (a CUDA build in the trainer image) and the same Python.
 
 IMAGE_REPO ?=
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
