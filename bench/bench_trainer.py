@@ -63,7 +63,7 @@ import lora_trainer.train  # noqa: E402
 from lora_operator.devcluster.s3 import TEST_CREDENTIALS  # noqa: E402
 from lora_trainer.config import TrainConfig, parse_config  # noqa: E402
 from lora_trainer.contract import utcnow  # noqa: E402
-from lora_trainer.model import load_components  # noqa: E402
+from lora_trainer.tasks.sd import load_components  # noqa: E402
 from lora_trainer.signals import StopFlag  # noqa: E402
 from lora_trainer.tiny import TINY_RESOLUTION, build_tiny_dataset, build_tiny_sd  # noqa: E402
 from lora_trainer.train import Trainer  # noqa: E402

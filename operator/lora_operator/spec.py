@@ -22,6 +22,7 @@ from lora_trainer.config import (
     LearningRate,
     LrScheduler,
     MixedPrecision,
+    ModelFamily,
     Rank,
     Resolution,
     S3Config,
@@ -78,6 +79,11 @@ class ModelSource(_Spec):
         None,
         description="For a single-file uri: a diffusers folder of the same model holding its configs "
         "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; weights not needed).",
+    )
+    family: ModelFamily = Field(
+        "auto",
+        description="Model family: auto reads it from model_index.json (or a single file's keys); sd (1.x/2.x) "
+        "or sdxl insists on it, and a base model of another family fails the job (exit 78, not retried).",
     )
 
 
@@ -317,6 +323,7 @@ CONFIG_PATHS: dict[str, str] = {
     "task": "spec.task",
     "base_model": "spec.baseModel.uri",
     "base_model_config": "spec.baseModel.config",
+    "model_family": "spec.baseModel.family",
     "train_data_dir": "spec.dataset.uri",
     "metadata_path": "spec.dataset.captions",
     "caption_extension": "spec.dataset.captionExtension",
@@ -359,6 +366,7 @@ def to_train_config(spec: JobSpec) -> TrainConfig:
         "task": spec.task,
         "base_model": spec.base_model.uri,
         "base_model_config": spec.base_model.config,
+        "model_family": spec.base_model.family,
         "train_data_dir": spec.dataset.uri,
         "metadata_path": spec.dataset.captions,
         "caption_extension": spec.dataset.caption_extension,

@@ -9,7 +9,7 @@ Behaviours tested:
   configs (no weights);
 - a changed base file refuses resume (exit 65) naming base_model;
 - a pickle checkpoint is refused (78): by its name at validation, and by its bytes when renamed;
-- an SDXL-layout file is refused (78) naming the family; no configs offline → 66 naming
+- a Flux-layout file is refused (78) naming the family, an SD file under model_family sdxl too; no configs offline → 66 naming
   base_model_config (a real `lora-train` process with HF_HUB_OFFLINE=1 and an empty HF cache).
 """
 
@@ -156,13 +156,21 @@ def test_pickle_checkpoints_are_refused(tiny_sd: Path, tiny_data: Path, tmp_path
     assert by_bytes.value.message.startswith(f"base_model: {disguised} is a pickle checkpoint")
 
 
-def test_sdxl_layout_is_refused_naming_the_family(tiny_data: Path, tmp_path: Path) -> None:
-    xl = tmp_path / "sd_xl_base.safetensors"
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
-               "conditioner.embedders.1.model.positional_embedding": torch.zeros(1)}, str(xl))
+def test_flux_layout_is_refused_naming_the_family(tiny_data: Path, tmp_path: Path) -> None:
+    flux = tmp_path / "flux1-dev.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1), "single_blocks.0.linear1.weight": torch.zeros(1)},
+              str(flux))
     with pytest.raises(ConfigError) as info:
-        Trainer(parse_config(run_config(str(xl), tiny_data, tmp_path / "o", tmp_path / "c"))).run()
-    assert "is a SDXL checkpoint; that family is not supported yet" in info.value.message
+        Trainer(parse_config(run_config(str(flux), tiny_data, tmp_path / "o", tmp_path / "c"))).run()
+    assert "is a Flux checkpoint; that family is not supported yet" in info.value.message
+
+
+def test_sd_file_with_model_family_sdxl_is_refused(tiny_file: Path, tiny_data: Path, tmp_path: Path) -> None:
+    config = {**run_config(str(tiny_file), tiny_data, tmp_path / "o", tmp_path / "c"), "model_family": "sdxl"}
+    with pytest.raises(ConfigError) as info:
+        Trainer(parse_config(config)).run()
+    assert info.value.exit_code == EXIT_CONFIG
+    assert "model_family: 'sdxl' but base_model" in info.value.message and "Stable Diffusion 1.x/2.x" in info.value.message
 
 
 def test_no_config_offline_names_base_model_config(tiny_file: Path, tiny_data: Path, tmp_path: Path) -> None:

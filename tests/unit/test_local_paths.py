@@ -23,7 +23,7 @@ import pytest
 from lora_trainer.config import changed_fields, parse_config, resolve_local_paths, training_fields
 from lora_trainer.errors import EXIT_CONFIG, EXIT_DATAERR, ConfigError, DatasetError
 from lora_trainer.paths import choose_local
-from lora_trainer.single_file import family_from_keys, family_problem, is_single_file, pickle_problem
+from lora_trainer.single_file import family_from_keys, is_single_file, pickle_problem
 
 SEED = {
     "train_data_dir": "./data/style_train",
@@ -153,15 +153,6 @@ def test_single_file_uris(uri: str, single: bool) -> None:
 )
 def test_family_from_keys(keys: list[str], family: str | None) -> None:
     assert family_from_keys(keys) == family
-
-
-def test_family_problems_name_the_family() -> None:
-    assert family_problem("sd1", "x") is None and family_problem("sd2", "x") is None
-    sdxl = family_problem("sdxl", "./xl.safetensors")
-    assert isinstance(sdxl, ConfigError) and "SDXL checkpoint; that family is not supported yet" in sdxl.message
-    assert "Flux" in family_problem("flux", "f").message
-    unknown = family_problem(None, "./lora.safetensors")
-    assert unknown is not None and unknown.exit_code == 66 and "not a Stable Diffusion 1.x/2.x checkpoint" in unknown.message
 
 
 def test_a_changed_base_file_is_named_as_base_model() -> None:

@@ -217,8 +217,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def load_image(path: Path, resolution: int, center_crop: bool, flip: bool, seed: int) -> torch.Tensor:
-    """Resize the short side to `resolution`, crop a square, maybe flip; CHW float in [-1, 1]."""
+def load_image_cropped(
+    path: Path, resolution: int, center_crop: bool, flip: bool, seed: int
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """Resize the short side to `resolution`, crop a square, maybe flip: CHW float in [-1, 1],
+    the original (height, width) and the crop's (top, left) in the resized image.
+
+    A flipped image reports the mirrored crop's left edge (as kohya and diffusers' SDXL example do)."""
     rng = np.random.default_rng(seed)
     with Image.open(path) as im:
         im = im.convert("RGB")
@@ -235,7 +240,23 @@ def load_image(path: Path, resolution: int, center_crop: bool, flip: bool, seed:
     tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1)
     if flip and rng.random() < 0.5:
         tensor = tensor.flip(-1)
-    return tensor
+        left = nw - left - resolution
+    return tensor, (h, w), (top, left)
+
+
+def load_image(path: Path, resolution: int, center_crop: bool, flip: bool, seed: int) -> torch.Tensor:
+    """Resize the short side to `resolution`, crop a square, maybe flip; CHW float in [-1, 1]."""
+    return load_image_cropped(path, resolution, center_crop, flip, seed)[0]
+
+
+@dataclass(frozen=True)
+class ImageBatch:
+    """One micro-batch of samples: pixels (NCHW), captions, and each image's geometry."""
+
+    pixels: torch.Tensor
+    captions: list[str]
+    original_sizes: list[tuple[int, int]]  # (height, width) before resizing
+    crops: list[tuple[int, int]]  # (top, left) of the crop in the resized image
 
 
 @dataclass(frozen=True)
@@ -265,17 +286,25 @@ class BatchStream:
             self._order_epoch = epoch
         return self._order
 
-    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, list[str]]:
-        """The next `batch_size` images (stacked) and captions; advances the position."""
-        images, captions = [], []
+    def next_samples(self, batch_size: int) -> ImageBatch:
+        """The next `batch_size` samples with their geometry; advances the position."""
+        images, captions, sizes, crops = [], [], [], []
         epoch, index = self.position.epoch, self.position.index
         for _ in range(batch_size):
             if index >= len(self.samples):
                 epoch, index = epoch + 1, 0
             sample = self.samples[self._order_for(epoch)[index]]
             seed = derive_seed(self.seed, epoch, index)
-            images.append(load_image(sample.path, self.resolution, self.center_crop, self.random_flip, seed))
+            image, size, crop = load_image_cropped(sample.path, self.resolution, self.center_crop, self.random_flip, seed)
+            images.append(image)
             captions.append(sample.caption)
+            sizes.append(size)
+            crops.append(crop)
             index += 1
         self.position = Position(epoch, index)
-        return torch.stack(images), captions
+        return ImageBatch(torch.stack(images), captions, sizes, crops)
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, list[str]]:
+        """The next `batch_size` images (stacked) and captions; advances the position."""
+        batch = self.next_samples(batch_size)
+        return batch.pixels, batch.captions

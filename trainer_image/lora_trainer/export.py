@@ -1,8 +1,8 @@
-"""Export trained LoRA weights: diffusers format and kohya/WebUI format.
+"""Family-agnostic LoRA writers: peft state, byte-stable safetensors, kohya/WebUI key layout.
 
-The diffusers file loads with `StableDiffusionPipeline.load_lora_weights`; it carries the peft
-LoraConfig as metadata so a non-default alpha survives. The kohya file uses `lora_unet_*` and, for
-SD 1.x, `lora_te_*` keys with a per-module `.alpha`, the layout AUTOMATIC1111/ComfyUI expect.
+Each family (tasks/) picks its formats and key prefixes: the diffusers file carries the peft
+LoraConfig as metadata so a non-default alpha survives; kohya files use `lora_unet_*` /
+`lora_te*_*` keys with a per-module `.alpha`, the layout AUTOMATIC1111/ComfyUI expect.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from diffusers.utils import convert_state_dict_to_kohya
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
@@ -40,59 +39,28 @@ def canonicalize_safetensors(path: Path) -> Path:
     return path
 
 
-def _peft_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def peft_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = get_peft_model_state_dict(module, adapter_name=LORA_ADAPTER)
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
-def _adapter_metadata(module: torch.nn.Module) -> dict:
+def adapter_metadata(module: torch.nn.Module) -> dict:
     config = module.peft_config[LORA_ADAPTER].to_dict()
     # Sets are not JSON; sorted lists keep the file bytes identical from run to run.
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
-def save_diffusers_lora(path: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> Path:
-    """Write the LoRA in diffusers format (one safetensors file at `path`)."""
-    te_layers = te_meta = None
-    if text_encoder is not None:
-        te_layers = convert_state_dict_to_diffusers(_peft_state(text_encoder))
-        te_meta = _adapter_metadata(text_encoder)
-    StableDiffusionPipeline.save_lora_weights(
-        save_directory=str(path.parent),
-        unet_lora_layers=convert_state_dict_to_diffusers(_peft_state(unet)),
-        text_encoder_lora_layers=te_layers,
-        weight_name=path.name,
-        safe_serialization=True,
-        unet_lora_adapter_metadata=_adapter_metadata(unet),
-        text_encoder_lora_adapter_metadata=te_meta,
-    )
-    return canonicalize_safetensors(path)
-
-
-def kohya_state_dict(
-    unet: torch.nn.Module, text_encoder: torch.nn.Module | None, alpha: float
-) -> dict[str, torch.Tensor]:
-    """The kohya/WebUI key layout for SD 1.x, with the run's alpha on every module."""
-    peft = {f"unet.{k}": v for k, v in _peft_state(unet).items()}
-    if text_encoder is not None:
-        peft.update({f"text_encoder.{k}": v for k, v in _peft_state(text_encoder).items()})
-    converted = convert_state_dict_to_kohya(peft)
+def kohya_keys(peft: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """peft state (keys prefixed `unet.`, `text_encoder.`, `text_encoder_2.`) in kohya naming, with
+    the run's alpha on every module (diffusers writes alpha = rank)."""
     out: dict[str, torch.Tensor] = {}
-    for key, value in converted.items():
-        # SD 1.x WebUI loaders expect lora_te_ for the single text encoder; lora_te1_ is SDXL's.
-        key = key.replace("lora_te1_", "lora_te_", 1)
-        if key.startswith("lora_te_encoder_"):
-            # transformers 5 dropped CLIPTextModel's `text_model.` level; WebUI keys still carry it.
-            key = "lora_te_text_model_" + key.removeprefix("lora_te_")
-        # diffusers writes alpha = rank; the run may use another alpha, so write the real one.
+    for key, value in convert_state_dict_to_kohya(peft).items():
         out[key] = torch.tensor(alpha, dtype=torch.float32) if key.endswith(".alpha") else value.contiguous()
     return out
 
 
-def save_kohya_lora(
-    path: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, alpha: float
-) -> Path:
-    """Write the LoRA in kohya/WebUI format."""
+def save_kohya_file(path: Path, state: dict[str, torch.Tensor], alpha: float) -> Path:
+    """Write a kohya/WebUI LoRA file with sd-scripts' metadata."""
     metadata = {"ss_network_module": "networks.lora", "ss_network_alpha": str(alpha), "format": "pt"}
-    save_file(kohya_state_dict(unet, text_encoder, alpha), str(path), metadata=metadata)
+    save_file(state, str(path), metadata=metadata)
     return canonicalize_safetensors(path)

@@ -1,38 +1,20 @@
-"""Load a diffusers Stable Diffusion folder and attach peft LoRA adapters.
+"""Family-agnostic model helpers: device and precision, and attaching peft LoRA adapters.
 
-Only safetensors weights are loaded (`use_safetensors=True`): a pickled checkpoint is refused.
+The families (tasks/) load their components and call these; only safetensors weights are
+loaded anywhere (`use_safetensors=True`): a pickled checkpoint is refused.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig, inject_adapter_in_model
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import ConfigError, InputMissing
 
-log = logging.getLogger(__name__)
-
 LORA_ADAPTER = "default"
-
-
-@dataclass
-class Components:
-    """The parts of a Stable Diffusion pipeline that training touches."""
-
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    scheduler: DDPMScheduler
-    device: torch.device
-    weight_dtype: torch.dtype
 
 
 def pick_device(requested: str) -> torch.device:
@@ -51,77 +33,61 @@ def weight_dtype_for(mixed_precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
 
 
-def load_components(model_dir: Path, config: TrainConfig) -> Components:
-    """Load UNet, VAE, text encoder, tokenizer and noise scheduler from a diffusers folder."""
-    if not (model_dir / "model_index.json").is_file() or not (model_dir / "unet").is_dir():
-        raise InputMissing(
-            f"base_model: {model_dir} is not a diffusers Stable Diffusion folder "
-            "(model_index.json and unet/ expected); save one with pipeline.save_pretrained()"
-        )
-    device = pick_device(config.device)
-    dtype = weight_dtype_for(config.mixed_precision, device)
-    try:
-        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", use_safetensors=True)
-        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", use_safetensors=True)
-        text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", use_safetensors=True)
-        tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-        scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputMissing(f"base_model: cannot load {model_dir}: {first}") from None
-    for module in (unet, vae, text_encoder):
+def load_failed(model_dir: Path, exc: Exception) -> InputMissing:
+    """The one-line error for a component that does not load."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return InputMissing(f"base_model: cannot load {model_dir}: {first}")
+
+
+def freeze(modules: list[torch.nn.Module], device: torch.device, dtype: torch.dtype) -> None:
+    """No gradients, on the device in the frozen-weight precision (train/eval mode left to the family)."""
+    for module in modules:
         module.requires_grad_(False)
         module.to(device, dtype=dtype)
-    vae.eval()
-    text_encoder.eval()
-    return Components(unet, vae, text_encoder, tokenizer, scheduler, device, dtype)
 
 
-def add_lora(parts: Components, config: TrainConfig) -> list[torch.nn.Parameter]:
-    """Attach LoRA adapters (fp32 trainable weights) and return the parameters to optimise."""
-    unet_cfg = LoraConfig(
+def lora_config(config: TrainConfig, targets: list[str]) -> LoraConfig:
+    """The peft config of one adapter (gaussian init, the run's rank, alpha and dropout)."""
+    return LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.alpha,
         lora_dropout=config.lora_dropout,
         init_lora_weights="gaussian",
-        target_modules=list(config.target_modules),
+        target_modules=list(targets),
     )
+
+
+def add_denoiser_lora(denoiser: torch.nn.Module, config: TrainConfig, what: str = "UNet") -> None:
+    """LoRA on a diffusers model (UNet or transformer) through its own `add_adapter`."""
     try:
-        parts.unet.add_adapter(unet_cfg, adapter_name=LORA_ADAPTER)
+        denoiser.add_adapter(lora_config(config, config.target_modules), adapter_name=LORA_ADAPTER)
     except ValueError as exc:
         raise ConfigError(
-            f"target_modules: {config.target_modules} match no UNet module ({exc}); "
+            f"target_modules: {config.target_modules} match no {what} module ({exc}); "
             "use attention projections such as to_q, to_k, to_v, to_out.0"
         ) from None
-    modules = [parts.unet]
-    if config.train_text_encoder:
-        te_cfg = LoraConfig(
-            r=config.lora_rank,
-            lora_alpha=config.alpha,
-            lora_dropout=config.lora_dropout,
-            init_lora_weights="gaussian",
-            target_modules=list(config.text_encoder_target_modules),
-        )
-        try:
-            # peft directly: transformers' add_adapter gates on a newer peft than we can rely on.
-            inject_adapter_in_model(te_cfg, parts.text_encoder, adapter_name=LORA_ADAPTER)
-            parts.text_encoder.peft_config = {LORA_ADAPTER: te_cfg}
-        except ValueError as exc:
-            raise ConfigError(
-                f"text_encoder_target_modules: {config.text_encoder_target_modules} match no module ({exc})"
-            ) from None
-        modules.append(parts.text_encoder)
+
+
+def add_text_encoder_lora(encoder: torch.nn.Module, config: TrainConfig) -> None:
+    """LoRA on a transformers text encoder (peft directly: transformers' add_adapter gates on a newer peft)."""
+    te_cfg = lora_config(config, config.text_encoder_target_modules)
+    try:
+        inject_adapter_in_model(te_cfg, encoder, adapter_name=LORA_ADAPTER)
+        encoder.peft_config = {LORA_ADAPTER: te_cfg}
+    except ValueError as exc:
+        raise ConfigError(
+            f"text_encoder_target_modules: {config.text_encoder_target_modules} match no module ({exc})"
+        ) from None
+
+
+def trainable_params(modules: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    """The trainable (LoRA) parameters, made fp32 even when the frozen base runs in half precision."""
     params: list[torch.nn.Parameter] = []
     for module in modules:
         for p in module.parameters():
             if p.requires_grad:
-                # Trainable LoRA weights stay fp32 even when the frozen base runs in half precision.
                 p.data = p.data.float()
                 params.append(p)
-    if config.gradient_checkpointing:
-        parts.unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
-            parts.text_encoder.gradient_checkpointing_enable()
     return params
 
 

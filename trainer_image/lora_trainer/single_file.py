@@ -1,12 +1,12 @@
 """Single-file base models: one `.safetensors` checkpoint (A1111/ComfyUI/Civitai style) as base_model.
 
 Decisions (pure, no torch): which URIs name a single file, which name a pickle checkpoint
-(refused: unpickling runs code from the file, so the trainer never does it), and which model
-family a checkpoint's keys belong to (SD 1.x and 2.x train; SDXL, SD3 and Flux are recognised
-and refused by name until their families exist).
+(refused: unpickling runs code from the file, so the trainer never does it), and which kind of
+model a checkpoint's keys belong to (sd1, sd2, sdxl, sd3, flux). Which kinds train is the task
+registry's decision (tasks.family_for_checkpoint): SD3 and Flux are recognised and refused by name.
 
-I/O: the file's sha256, and its conversion into a diffusers folder through diffusers'
-`StableDiffusionPipeline.from_single_file`, with the configs from `base_model_config` (a
+I/O: the file's sha256, and its conversion into a diffusers folder through the family's diffusers
+pipeline (`StableDiffusionPipeline` / `StableDiffusionXLPipeline.from_single_file`), with the configs from `base_model_config` (a
 diffusers folder) or else what diffusers resolves (offline: its Hugging Face cache). The folder
 is kept in the cache under the file's sha256 (and the configs' digest), so an attempt after a
 preemption on the same node loads it like any diffusers base model instead of converting again.
@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 
 from lora_trainer.errors import ConfigError, InputMissing
 from lora_trainer.paths import shorten
+from lora_trainer.tasks import AUTO, FamilyInfo, family_for_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,6 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 CONVERTED_MARKER = "converted.json"
 CONVERTED_DIR = "single-file"
 CONFIG_SUFFIXES = (".json", ".txt", ".model")  # what from_single_file reads from a config folder
-
-FAMILY_NAMES = {
-    "sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL", "sd3": "Stable Diffusion 3",
-    "flux": "Flux",
-}
-SUPPORTED_FAMILIES = ("sd1", "sd2")
 
 CONVERT_HINT = (
     "python -c \"import torch,safetensors.torch as s;d=torch.load('{name}','cpu',weights_only=True);"
@@ -104,22 +99,6 @@ def family_from_keys(keys: Iterable[str]) -> str | None:
     return None
 
 
-def family_problem(family: str | None, uri: str) -> ConfigError | InputMissing | None:
-    """The error for a family the trainer cannot train (yet), or None for SD 1.x/2.x."""
-    if family in SUPPORTED_FAMILIES:
-        return None
-    if family is None:
-        return InputMissing(
-            f"base_model: {shorten(uri)} is not a Stable Diffusion 1.x/2.x checkpoint (no model.diffusion_model.* "
-            "UNet with a cond_stage_model.* text encoder); point base_model at a full SD checkpoint or a diffusers folder"
-        )
-    supported = " and ".join(FAMILY_NAMES[f] for f in SUPPORTED_FAMILIES)
-    return ConfigError(
-        f"base_model: {shorten(uri)} is a {FAMILY_NAMES[family]} checkpoint; that family is not supported yet "
-        f"(only {supported}); use a {supported} base model"
-    )
-
-
 def sniff(path: Path) -> str:
     """"safetensors", "pickle" (a torch zip or raw pickle) or "unknown", from the first bytes."""
     try:
@@ -179,15 +158,16 @@ def check_file(path: Path, uri: str) -> None:
         )
 
 
-def _convert(path: Path, uri: str, config_dir: Path | None, dest: Path) -> None:
+def _convert(path: Path, uri: str, config_dir: Path | None, dest: Path, pipeline: str) -> None:
+    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline
 
     kwargs = {"config": str(config_dir)} if config_dir is not None else {}
+    if pipeline == "StableDiffusionPipeline":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
-            local_files_only=config_dir is not None, **kwargs,
+        pipe = getattr(diffusers, pipeline).from_single_file(
+            str(path), torch_dtype=torch.float32, local_files_only=config_dir is not None, **kwargs,
         )
     except Exception as exc:  # diffusers and the hub raise many types; each means "cannot convert"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -205,15 +185,17 @@ def _convert(path: Path, uri: str, config_dir: Path | None, dest: Path) -> None:
     pipe.save_pretrained(dest, safe_serialization=True)
 
 
-def convert_single_file(path: Path, uri: str, config_dir: Path | None, cache: Path) -> tuple[Path, str]:
-    """A diffusers folder for the checkpoint at `path`, and the file's sha256.
+def convert_single_file(
+    path: Path, uri: str, config_dir: Path | None, cache: Path, model_family: str = AUTO
+) -> tuple[Path, str, FamilyInfo]:
+    """A diffusers folder for the checkpoint at `path`, the file's sha256, and its family.
 
     Converted once per (file sha256, configs) into `cache/single-file/<key>/`; a later call
     (another attempt on this node) finds the folder and its marker and reuses it. Checks the
-    family first: anything but SD 1.x/2.x is refused before any tensor is loaded."""
+    family first, through the task registry: a family that does not train (or is not
+    `model_family`) is refused before any tensor is loaded."""
     check_file(path, uri)
-    if problem := family_problem(family_from_keys(checkpoint_keys(path, uri)), uri):
-        raise problem
+    info = family_for_checkpoint(family_from_keys(checkpoint_keys(path, uri)), model_family, uri)
     started = time.monotonic()
     sha = sha256_file(path)
     key = sha[:32] + (f"-{config_digest(config_dir)[:12]}" if config_dir is not None else "")
@@ -224,17 +206,17 @@ def convert_single_file(path: Path, uri: str, config_dir: Path | None, cache: Pa
         fcntl.flock(lock, fcntl.LOCK_EX)  # two trainers on one node convert one at a time
         if (final / CONVERTED_MARKER).is_file():
             log.info("reusing converted base model %s (sha256 %s) at %s", uri, sha[:12], final)
-            return final, sha
+            return final, sha, info
         shutil.rmtree(final, ignore_errors=True)
         tmp = root / f"{key}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         log.info("converting single-file base model %s (sha256 %s) to diffusers", uri, sha[:12])
         try:
-            _convert(path, uri, config_dir, tmp)
+            _convert(path, uri, config_dir, tmp, info.single_file_pipeline)
             marker = {"sha256": sha, "source": uri, "config": str(config_dir) if config_dir else None}
             (tmp / CONVERTED_MARKER).write_text(json.dumps(marker, sort_keys=True))
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s in %.1fs into %s", uri, time.monotonic() - started, final)
-    return final, sha
+    return final, sha, info

@@ -2,7 +2,9 @@
 
 The folder is what `checkpoint.commit` uploads under `checkpoints/step-<9 digits>/`:
 
-    lora_unet.safetensors / lora_text_encoder.safetensors   trainable LoRA weights, by parameter name
+    lora_<module>.safetensors                                 trainable LoRA weights, by parameter name, one
+                                                              file per module the family trains (lora_unet,
+                                                              lora_text_encoder, lora_text_encoder_2, ...)
     optimizer.safetensors + optimizer.json                    AdamW moments and param groups
     scheduler.json, scaler.json                               LR scheduler and grad-scaler state
     rng.safetensors + rng.json                                torch CPU/CUDA, Python and NumPy RNG states
@@ -24,8 +26,6 @@ from safetensors.torch import load_file, save_file
 from lora_trainer.errors import ResumeRefused
 from lora_trainer.paths import shorten
 
-UNET_WEIGHTS = "lora_unet.safetensors"
-TEXT_ENCODER_WEIGHTS = "lora_text_encoder.safetensors"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_META = "optimizer.json"
 SCHEDULER_STATE = "scheduler.json"
@@ -150,20 +150,24 @@ def load_rng(folder: Path) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
+def weights_file(module_name: str) -> str:
+    """The state file of one trained module (`unet` -> lora_unet.safetensors)."""
+    return f"lora_{module_name}.safetensors"
+
+
 def save_state(
     folder: Path,
     state: TrainerState,
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None,
+    modules: dict[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     scaler: torch.amp.GradScaler | None,
 ) -> Path:
-    """Write every piece of resumable state into `folder` (created fresh)."""
+    """Write every piece of resumable state into `folder` (created fresh); `modules` are the
+    family's trained modules by name (Family.trainable)."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_weights(unet, folder / UNET_WEIGHTS)
-    if text_encoder is not None:
-        save_weights(text_encoder, folder / TEXT_ENCODER_WEIGHTS)
+    for name, module in modules.items():
+        save_weights(module, folder / weights_file(name))
     save_optimizer(optimizer, folder)
     _write_json(folder / SCHEDULER_STATE, lr_scheduler.state_dict())
     _write_json(folder / SCALER_STATE, scaler.state_dict() if scaler is not None else {})
@@ -174,8 +178,7 @@ def save_state(
 
 def load_state(
     folder: Path,
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None,
+    modules: dict[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     scaler: torch.amp.GradScaler | None,
@@ -185,7 +188,7 @@ def load_state(
     Any failure (a missing or malformed file, shapes that do not fit) raises StateInvalid with a
     one-line reason; the state is then partly loaded, and the caller loads another one over it."""
     try:
-        return _load_state(folder, unet, text_encoder, optimizer, lr_scheduler, scaler)
+        return _load_state(folder, modules, optimizer, lr_scheduler, scaler)
     except ResumeRefused as exc:
         raise StateInvalid(exc.message) from exc
     except Exception as exc:  # corrupt content that matched its manifest: safetensors, JSON, torch errors
@@ -194,18 +197,16 @@ def load_state(
 
 def _load_state(
     folder: Path,
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None,
+    modules: dict[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     scaler: torch.amp.GradScaler | None,
 ) -> TrainerState:
     trainer_state = TrainerState.model_validate(_read_json(folder / TRAINER_STATE))  # cheapest check first
-    load_weights(unet, folder / UNET_WEIGHTS)
-    if text_encoder is not None:
-        if not (folder / TEXT_ENCODER_WEIGHTS).is_file():
-            raise ResumeRefused("checkpoint has no text-encoder LoRA but train_text_encoder is on")
-        load_weights(text_encoder, folder / TEXT_ENCODER_WEIGHTS)
+    for name, module in modules.items():
+        if not (folder / weights_file(name)).is_file():
+            raise ResumeRefused(f"checkpoint has no {name} LoRA ({weights_file(name)}) but this config trains one")
+        load_weights(module, folder / weights_file(name))
     load_optimizer(optimizer, folder)
     lr_scheduler.load_state_dict(_read_json(folder / SCHEDULER_STATE))
     scaler_state = _read_json(folder / SCALER_STATE)

@@ -1,4 +1,4 @@
-"""One optimizer step of LoRA training on Stable Diffusion: the math, apart from I/O.
+"""One optimizer step of LoRA training, for any family: the math, apart from I/O.
 
 Every random draw in a micro-step (VAE sample, noise, timesteps, dropout) comes from a generator
 seeded by (seed, step, micro-step), so step N computes the same thing whether or not the process
@@ -7,17 +7,15 @@ was restarted before it.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 
 from lora_trainer.config import TrainConfig
-from lora_trainer.data import BatchStream, derive_seed
-from lora_trainer.model import Components
+from lora_trainer.data import BatchStream, ImageBatch, derive_seed
+from lora_trainer.tasks import Family, Parts
 
 
 @dataclass
@@ -60,54 +58,17 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, ste
     )
 
 
-def encode_prompts(parts: Components, captions: list[str]) -> torch.Tensor:
-    """CLIP hidden states for the captions (max-length padded, truncated)."""
-    ids = parts.tokenizer(
-        captions,
-        padding="max_length",
-        max_length=parts.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(parts.device)
-    return parts.text_encoder(ids, return_dict=False)[0]
-
-
-def micro_step_loss(
-    parts: Components, config: TrainConfig, pixels: torch.Tensor, captions: list[str], seed: int
-) -> torch.Tensor:
-    """The denoising loss of one micro-batch, with all randomness drawn from `seed`."""
-    device, dtype = parts.device, parts.weight_dtype
+def micro_step_loss(family: Family, parts: Parts, config: TrainConfig, batch: ImageBatch, seed: int) -> torch.Tensor:
+    """The loss of one micro-batch, with all randomness drawn from `seed`: samples -> model inputs -> loss."""
     torch.manual_seed(seed)  # LoRA dropout draws from the global generator
-    g = torch.Generator(device=device).manual_seed(seed)
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    )
-    with torch.no_grad():
-        latents = parts.vae.encode(pixels.to(device, dtype)).latent_dist.sample(generator=g)
-        latents = latents * parts.vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=g, device=device, dtype=latents.dtype)
-    if config.noise_offset:
-        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=g, device=device)
-        noise = noise + config.noise_offset * offset.to(latents.dtype)
-    n_timesteps = parts.scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, n_timesteps, (latents.shape[0],), generator=g, device=device).long()
-    noisy = parts.scheduler.add_noise(latents, noise, timesteps)
-    with autocast:
-        if config.train_text_encoder:
-            hidden = encode_prompts(parts, captions)
-        else:
-            with torch.no_grad():
-                hidden = encode_prompts(parts, captions)
-        pred = parts.unet(noisy, timesteps, hidden, return_dict=False)[0]
-    if parts.scheduler.config.prediction_type == "v_prediction":
-        target = parts.scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    g = torch.Generator(device=parts.device).manual_seed(seed)
+    inputs = family.encode(parts, config, batch, g)
+    return family.loss(parts, config, inputs, g)
 
 
 def train_step(
-    parts: Components,
+    family: Family,
+    parts: Parts,
     config: TrainConfig,
     stream: BatchStream,
     params: list[torch.nn.Parameter],
@@ -120,8 +81,8 @@ def train_step(
     accum = config.gradient_accumulation_steps
     total = 0.0
     for micro in range(accum):
-        pixels, captions = stream.next_batch(config.batch_size)
-        loss = micro_step_loss(parts, config, pixels, captions, derive_seed(config.seed, step, micro))
+        batch = stream.next_samples(config.batch_size)
+        loss = micro_step_loss(family, parts, config, batch, derive_seed(config.seed, step, micro))
         scaled = loss / accum
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.item()

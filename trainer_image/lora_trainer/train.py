@@ -33,9 +33,7 @@ from lora_trainer.config import (
 from lora_trainer.contract import Progress
 from lora_trainer.data import BatchStream, Position, check_dataset
 from lora_trainer.errors import ConfigError, DatasetError, InputMissing, Preempted, ResumeRefused, UserError
-from lora_trainer.export import save_diffusers_lora, save_kohya_lora
 from lora_trainer.fetch import fetch_file
-from lora_trainer.model import Components, add_lora, load_components
 from lora_trainer.paths import shorten
 from lora_trainer.progress import ProgressReporter
 from lora_trainer.signals import StopFlag
@@ -43,6 +41,7 @@ from lora_trainer.single_file import convert_single_file, is_single_file
 from lora_trainer.steps import make_lr_scheduler, make_optimizer, total_steps, train_step
 from lora_trainer.storage import Store, fetch_tree, open_store, parse_uri
 from lora_trainer.storeproc import StoreProcess, commit_checkpoint, open_upload_store
+from lora_trainer.tasks import Family, Parts, detect, load_family
 from lora_trainer.tblog import RunLogs
 from lora_trainer.uploader import BackgroundUploader, retry_storage
 from lora_trainer.workdir import prepare_work_dir
@@ -130,21 +129,22 @@ class Trainer:
         except InputMissing as exc:
             raise InputMissing(f"{field_name}: {exc.message}") from None
 
-    def _model_dir(self, model: Path, cache: Path) -> Path:
-        """The diffusers folder to load: the base model itself, or its single file converted once.
+    def _model_dir(self, model: Path, cache: Path) -> tuple[Path, Family]:
+        """The diffusers folder to load (the base model itself, or its single file converted once)
+        and its family, detected through the task registry (model_family insists on one).
 
         A single file's sha256 joins the training fields, so resume refuses a changed file."""
         c = self.config
         if not model.is_file():
             if c.base_model_config:
                 log.warning("base_model_config is only used with a single-file base_model; ignoring it")
-            return model
+            return model, load_family(detect(model, c.model_family))
         config_dir = self._fetch("base_model_config", c.base_model_config, cache, InputMissing) if c.base_model_config else None
-        folder, sha = convert_single_file(model, c.base_model, config_dir, cache_root(c))
+        folder, sha, info = convert_single_file(model, c.base_model, config_dir, cache_root(c), c.model_family)
         self.fields, self.hash = training_fields(c, sha), config_hash(c, sha)
-        return folder
+        return folder, load_family(info)
 
-    def _prepare(self) -> tuple[Components, list, BatchStream, int]:
+    def _prepare(self) -> tuple[Family, Parts, list, BatchStream, int]:
         # Inputs live in the cache, not under work_dir: a pod's root filesystem is read-only and
         # only the cache (an emptyDir) is writable; a second attempt on the node reuses them.
         cache = cache_root(self.config) / "inputs"
@@ -159,10 +159,11 @@ class Trainer:
             log.warning(report.summary())
         if report.fatal:
             raise DatasetError(report.fatal)
-        parts = load_components(self._model_dir(model, cache), self.config)
-        params = add_lora(parts, self.config)
+        model_dir, family = self._model_dir(model, cache)
+        parts = family.load(model_dir, c)
+        params = family.add_lora(parts, c)
         stream = BatchStream(report.samples, c.resolution, c.center_crop, c.random_flip, c.seed)
-        return parts, params, stream, total_steps(c, len(report.samples))
+        return family, parts, params, stream, total_steps(c, len(report.samples))
 
     def run(self) -> RunResult:
         """Train to the end (or until stopped) and return what was done."""
@@ -181,19 +182,19 @@ class Trainer:
         # Stale scratch from a killed attempt is never trusted; a folder that is not ours is refused.
         prepare_work_dir(self.scratch, "work_dir" if c.work_dir else "cache_dir")
         torch.manual_seed(c.seed)
-        parts, params, stream, steps = self._prepare()  # bad inputs fail before the output is touched
+        family, parts, params, stream, steps = self._prepare()  # bad inputs fail before the output is touched
         attempt = self._retrying("resolving the attempt", lambda: resolve_attempt(self.store))
         self._retrying("claiming the output", lambda: checkpoint.claim_attempt(self.store, attempt))
         optimizer = make_optimizer(params, c)
         lr_scheduler = make_lr_scheduler(optimizer, c, steps)
         use_scaler = parts.device.type == "cuda" and c.mixed_precision == "fp16"
         scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        te = parts.text_encoder if c.train_text_encoder else None
+        trained = family.trainable(parts, c)  # the modules whose LoRA weights a checkpoint holds
 
         step, resumed_from = 0, None
         resumed = self._retrying(
             "looking for checkpoints",
-            lambda: self._resume(lambda folder: state.load_state(folder, parts.unet, te, optimizer, lr_scheduler, scaler), steps),
+            lambda: self._resume(lambda folder: state.load_state(folder, trained, optimizer, lr_scheduler, scaler), steps),
         )
         if resumed is not None:
             resumable, ts = resumed
@@ -219,10 +220,10 @@ class Trainer:
                 step=at, epoch=stream.position.epoch, index=stream.position.index,
                 attempt=attempt, config_hash=self.hash,
             )
-            state.save_state(folder, ts, parts.unet, te, optimizer, lr_scheduler, scaler)
+            state.save_state(folder, ts, trained, optimizer, lr_scheduler, scaler)
             lora_file = self.scratch / contract.intermediate_weights_name(at)
             lora_file.parent.mkdir(parents=True, exist_ok=True)
-            save_diffusers_lora(lora_file, parts.unet, te)
+            family.save_lora(parts, c, lora_file)
             logs.flush()
 
             def commit() -> None:
@@ -249,7 +250,7 @@ class Trainer:
             while step < steps:
                 if self.stop.requested:
                     break
-                out = train_step(parts, c, stream, params, optimizer, lr_scheduler, scaler, step)
+                out = train_step(family, parts, c, stream, params, optimizer, lr_scheduler, scaler, step)
                 step += 1
                 result.losses[step] = out.loss
                 logs.scalar(step, out.loss, out.lr, out.grad_norm)
@@ -263,7 +264,7 @@ class Trainer:
                     last_progress = time.monotonic()
             if self.stop.requested and step < steps:
                 self._preempt(step, last_committed, snapshot, progress, uploader, reporter)
-            self._finish(parts, te, logs, uploader, uploads, progress, reporter)
+            self._finish(family, parts, logs, uploader, uploads, progress, reporter)
         finally:
             reporter.close()
             logs.close()
@@ -319,14 +320,12 @@ class Trainer:
             step=step,
         )
 
-    def _finish(self, parts, te, logs, uploader, uploads, progress, reporter) -> None:
-        """Export the final LoRA in both formats, upload everything and wait until durable."""
+    def _finish(self, family, parts, logs, uploader, uploads, progress, reporter) -> None:
+        """Export the final LoRA in the family's formats, upload everything and wait until durable."""
         final_dir = self.scratch / "final"
         final_dir.mkdir(parents=True, exist_ok=True)
-        diffusers_file = save_diffusers_lora(final_dir / contract.FINAL_WEIGHTS, parts.unet, te)
-        kohya_file = save_kohya_lora(final_dir / contract.FINAL_WEIGHTS_KOHYA, parts.unet, te, self.config.alpha)
+        finals = family.export(parts, self.config, final_dir)
         logs.flush()
-        finals = [(diffusers_file, contract.FINAL_WEIGHTS), (kohya_file, contract.FINAL_WEIGHTS_KOHYA)]
         uploader.submit_files(uploads, finals, label="final weights")
         uploader.submit("logs", logs.upload, coalesce_key="logs")
         progress("finished")

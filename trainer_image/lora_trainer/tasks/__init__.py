@@ -1,0 +1,163 @@
+"""The task seam: one protocol every model family implements, the registry, and detection.
+
+The loop (train.py), checkpointing, storage, progress and the operator know only `Family` and
+`Parts`; each family (tasks/sd.py, tasks/sdxl.py, later flux, causal-lm) owns what differs:
+
+    load(model_dir, config) -> Parts           its components, frozen, on the device
+    add_lora(parts, config) -> params          adapters attached; the parameters to optimise
+    trainable(parts, config) -> {name: module} modules whose LoRA weights a checkpoint holds
+    cacheable(config) -> {"latents", "text"}   model inputs that do not change as training goes
+    encode(parts, config, batch, g) -> inputs  samples -> model inputs (tokenize, encode, extras)
+    loss(parts, config, inputs, g) -> tensor   model inputs -> the training loss
+    save_lora(parts, config, path)             the LoRA in its primary (diffusers) format
+    export(parts, config, folder)              the final files, as (path, name in the output)
+
+Detection is pure and torch-free (the operator and the config checks may call it): a diffusers
+folder's `model_index.json` `_class_name`, or a single file's key layout (single_file.py), picks the
+family; `model_family` (default auto) insists on one. An unknown or mismatched pipeline is a
+ConfigError (exit 78) naming what was found. Family modules load lazily on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from lora_trainer.errors import ConfigError, InputMissing
+from lora_trainer.paths import shorten
+
+if TYPE_CHECKING:
+    import torch
+
+    from lora_trainer.config import TrainConfig
+    from lora_trainer.data import ImageBatch
+
+AUTO = "auto"
+MODEL_INDEX = "model_index.json"
+
+
+class Parts(Protocol):
+    """A family's loaded components; the loop reads only where they run."""
+
+    device: torch.device
+    weight_dtype: torch.dtype
+
+
+class Family(Protocol):
+    """What one model family implements (see the module docstring)."""
+
+    info: FamilyInfo
+
+    def load(self, model_dir: Path, config: TrainConfig) -> Parts: ...
+    def add_lora(self, parts: Any, config: TrainConfig) -> list[torch.nn.Parameter]: ...
+    def trainable(self, parts: Any, config: TrainConfig) -> dict[str, torch.nn.Module]: ...
+    def cacheable(self, config: TrainConfig) -> frozenset[str]: ...
+    def encode(self, parts: Any, config: TrainConfig, batch: ImageBatch, g: torch.Generator) -> Any: ...
+    def loss(self, parts: Any, config: TrainConfig, inputs: Any, g: torch.Generator) -> torch.Tensor: ...
+    def save_lora(self, parts: Any, config: TrainConfig, path: Path) -> Path: ...
+    def export(self, parts: Any, config: TrainConfig, folder: Path) -> list[tuple[Path, str]]: ...
+
+
+@dataclass(frozen=True)
+class FamilyInfo:
+    """How a family is recognised, and where its implementation lives."""
+
+    name: str                        # the model_family value
+    title: str                       # for messages
+    pipelines: tuple[str, ...]       # model_index.json `_class_name` values it trains
+    checkpoint_kinds: tuple[str, ...]  # single_file.family_from_keys values it trains
+    single_file_pipeline: str        # the diffusers pipeline that converts its single files
+    module: str                      # implementation, imported on first use
+
+
+REGISTRY: dict[str, FamilyInfo] = {
+    info.name: info
+    for info in (
+        FamilyInfo("sd", "Stable Diffusion 1.x/2.x", ("StableDiffusionPipeline",), ("sd1", "sd2"),
+                   "StableDiffusionPipeline", "lora_trainer.tasks.sd"),
+        FamilyInfo("sdxl", "SDXL", ("StableDiffusionXLPipeline",), ("sdxl",),
+                   "StableDiffusionXLPipeline", "lora_trainer.tasks.sdxl"),
+    )
+}
+
+# Recognised but not trainable yet: named in the refusal instead of "unknown".
+KNOWN_KINDS = {"sd3": "Stable Diffusion 3", "flux": "Flux"}
+
+
+def _supported(registry: Mapping[str, FamilyInfo]) -> str:
+    return ", ".join(f"{p} ({i.name})" for i in registry.values() for p in i.pipelines)
+
+
+def _check_override(found: FamilyInfo, override: str, what: str, registry: Mapping[str, FamilyInfo]) -> FamilyInfo:
+    if override in (AUTO, found.name):
+        return found
+    if override not in registry:
+        raise ConfigError(f"model_family: {override!r} is not a family; use auto or one of {', '.join(registry)}")
+    raise ConfigError(
+        f"model_family: {override!r} but base_model {what} ({found.title}); "
+        f"set model_family to {found.name} or auto, or point base_model at a {registry[override].title} model"
+    )
+
+
+def family_for_pipeline(
+    class_name: str | None, override: str, where: str, registry: Mapping[str, FamilyInfo] = REGISTRY
+) -> FamilyInfo:
+    """The family of a diffusers folder whose model_index.json names `class_name` (pure)."""
+    for info in registry.values():
+        if class_name in info.pipelines:
+            return _check_override(info, override, f"{shorten(where)} is a {class_name}", registry)
+    raise ConfigError(
+        f"base_model: {shorten(where)} is a {class_name or 'pipeline with no _class_name'} "
+        f"(model_index.json _class_name); lora-train trains {_supported(registry)}; "
+        "point base_model at one of those"
+    )
+
+
+def family_for_checkpoint(
+    kind: str | None, override: str, uri: str, registry: Mapping[str, FamilyInfo] = REGISTRY
+) -> FamilyInfo:
+    """The family of a single-file checkpoint whose keys say `kind` (single_file.family_from_keys; pure)."""
+    for info in registry.values():
+        if kind in info.checkpoint_kinds:
+            return _check_override(info, override, f"{shorten(uri)} is a {info.title} checkpoint", registry)
+    titles = " and ".join(i.title for i in registry.values())
+    if kind is None:
+        raise InputMissing(
+            f"base_model: {shorten(uri)} is not a checkpoint of a known family (no model.diffusion_model.* UNet "
+            "with a cond_stage_model.* or conditioner.* text encoder); point base_model at a full "
+            f"{titles} checkpoint or a diffusers folder"
+        )
+    raise ConfigError(
+        f"base_model: {shorten(uri)} is a {KNOWN_KINDS.get(kind, kind)} checkpoint; that family is not supported yet "
+        f"(only {titles}); use a base model of one of those"
+    )
+
+
+def read_pipeline_class(model_dir: Path) -> str | None:
+    """`_class_name` from a diffusers folder's model_index.json; InputMissing when it is no diffusers folder."""
+    index = model_dir / MODEL_INDEX
+    if not index.is_file():
+        raise InputMissing(
+            f"base_model: {model_dir} is not a diffusers folder ({MODEL_INDEX} expected); "
+            "save one with pipeline.save_pretrained()"
+        )
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputMissing(f"base_model: {index} does not read as JSON ({shorten(str(exc), 120)})") from None
+    name = data.get("_class_name") if isinstance(data, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def detect(model_dir: Path, override: str = AUTO) -> FamilyInfo:
+    """The family of a local diffusers folder (model_index.json), checked against `override`."""
+    return family_for_pipeline(read_pipeline_class(model_dir), override, str(model_dir))
+
+
+def load_family(info: FamilyInfo) -> Family:
+    """The family's implementation (its module's `FAMILY`)."""
+    return importlib.import_module(info.module).FAMILY
