@@ -4,6 +4,7 @@ Used by tests, the demo, benchmarks and examples. Everything here is saved with 
 so the trainer's real loading code reads it from disk exactly like a user's model.
 
     python -m lora_trainer.tiny sd PATH        # a Stable Diffusion 1.x-style diffusers folder
+    python -m lora_trainer.tiny sdxl PATH      # an SDXL-style diffusers folder (tiny_sdxl.py)
     python -m lora_trainer.tiny sd-file PATH.safetensors [--model DIR]   # the same as one original-layout file
     python -m lora_trainer.tiny dataset PATH   # captioned PNGs (metadata.csv or .txt sidecars)
     python -m lora_trainer.tiny blip PATH      # a BLIP captioning model + processor
@@ -473,9 +474,9 @@ def build_tiny_blip(path: Path, seed: int = 0) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lora_trainer.tiny {sd,sd-file,dataset,blip} PATH``: build one thing and print its path."""
+    """``python -m lora_trainer.tiny {sd,sdxl,sd-file,dataset,blip} PATH``: build one thing and print its path."""
     parser = argparse.ArgumentParser(prog="python -m lora_trainer.tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("sd", "sd-file", "dataset", "blip"))
+    parser.add_argument("what", choices=("sd", "sdxl", "sd-file", "dataset", "blip"))
     parser.add_argument("path", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n", type=int, default=8, help="dataset: number of images")
@@ -485,6 +486,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.what == "sd":
         built = build_tiny_sd(args.path, seed=args.seed)
+    elif args.what == "sdxl":
+        from lora_trainer.tiny_sdxl import build_tiny_sdxl
+
+        built = build_tiny_sdxl(args.path, seed=args.seed)
     elif args.what == "sd-file":
         built = build_tiny_sd_single_file(args.path, model_dir=args.model, seed=args.seed)
     elif args.what == "blip":
