@@ -27,7 +27,7 @@ import kopf
 
 from lora_operator import kube as k
 from lora_operator.classify import JOB_LABEL, is_terminating, parse_time
-from lora_operator.progress import ProgressUnavailable, credentials_from_secret, read_progress
+from lora_operator.progress import ProgressUnavailable, check_endpoint, credentials_from_secret, read_progress
 from lora_operator.reconcile import CreatePod, Decision, DeletePod, Observed, pod_rejected, reconcile
 from lora_operator.settings import Settings, peering_priority
 from lora_operator.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
@@ -214,6 +214,7 @@ async def _observe(memo: Memo, job: Mapping[str, Any], pods: list[Mapping[str, A
     if status.get("attempt") and status.get("phase") not in TERMINAL_PHASES:
         try:
             spec = parse_spec(job.get("spec") or {})
+            check_endpoint(spec.storage, memo.settings)  # a job started before the allow-list tightened
             secret = spec.storage.credentials_secret
             data = await memo.read_secret(ns, secret) if secret else None
             creds = credentials_from_secret(data, spec.storage)
