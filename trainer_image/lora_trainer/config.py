@@ -61,6 +61,7 @@ LrScheduler = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
 ]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+Optimizer = Literal["adamw", "adamw8bit"]  # adamw8bit: bitsandbytes' AdamW8bit, when installed
 Task = Literal["text-to-image"]
 ModelFamily = Literal["auto", "sd", "sdxl"]  # tasks/ registers one family per name (a test keeps them in step)
 
@@ -184,6 +185,11 @@ class TrainConfig(_Model):
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_weight_decay: float = Field(1e-2, ge=0, le=1)
     adam_epsilon: float = Field(1e-8, gt=0, le=1)
+    optimizer: Optimizer = Field(
+        "adamw",
+        description="adamw (torch) or adamw8bit (bitsandbytes' 8-bit AdamW: less GPU memory; needs the "
+        "bitsandbytes package, else the run stops with exit 78).",
+    )
     mixed_precision: MixedPrecision = Field(
         "no", description="Autocast precision on CUDA; on CPU training always runs in fp32."
     )
@@ -276,8 +282,11 @@ TRAINING_FIELDS: tuple[str, ...] = (
     "train_text_encoder", "text_encoder_target_modules", "batch_size", "gradient_accumulation_steps",
     "epochs", "max_train_steps", "learning_rate", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps",
     "lr_num_cycles", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-    "mixed_precision", "noise_offset", "seed",
+    "mixed_precision", "noise_offset", "seed", "optimizer",
 )
+
+# Training fields added after checkpoints existed: a manifest without one was made with this value.
+ADDED_FIELD_DEFAULTS: dict[str, Any] = {"optimizer": "adamw"}
 
 
 BASE_MODEL_SHA256 = "base_model_sha256"  # joins the training fields for a single-file base_model
@@ -306,7 +315,7 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     A changed single-file base model reads `base_model (file content, sha256 <old>... -> <new>...)`."""
     out = []
     for name in sorted(set(old) | set(new)):
-        if old.get(name) == new.get(name):
+        if old.get(name, ADDED_FIELD_DEFAULTS.get(name)) == new.get(name, ADDED_FIELD_DEFAULTS.get(name)):
             continue
         if name == BASE_MODEL_SHA256:
             was, now = (str(d.get(name) or "none")[:12] for d in (old, new))

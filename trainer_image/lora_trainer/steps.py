@@ -7,14 +7,17 @@ was restarted before it.
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers.optimization import get_scheduler
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.data import BatchStream, ImageBatch, derive_seed
+from lora_trainer.errors import ConfigError
 from lora_trainer.tasks import Family, Parts
 
 
@@ -35,15 +38,37 @@ def total_steps(config: TrainConfig, n_samples: int) -> int:
     return max(1, math.ceil((config.epochs or 1) * n_samples / per_step))
 
 
-def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the LoRA parameters, with the config's betas, decay and epsilon."""
-    return torch.optim.AdamW(
+def optimizer_class(config: TrainConfig, import_module=importlib.import_module) -> Any:
+    """The optimizer class `config.optimizer` names; ConfigError (exit 78) naming the package and
+    the fix when adamw8bit is asked for and bitsandbytes does not import."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW
+    try:
+        return import_module("bitsandbytes.optim").AdamW8bit
+    except ImportError:
+        raise ConfigError(
+            "optimizer: 'adamw8bit' needs the bitsandbytes package, which is not installed; "
+            "pip install bitsandbytes in the trainer's environment (CUDA), or set optimizer: adamw"
+        ) from None
+    except Exception as exc:  # bitsandbytes raises RuntimeError and friends when it finds no usable CUDA
+        raise ConfigError(
+            f"optimizer: 'adamw8bit' needs bitsandbytes, which does not import here ({type(exc).__name__}: "
+            f"{str(exc)[:160]}); fix its installation for this GPU, or set optimizer: adamw"
+        ) from None
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' AdamW8bit) over the LoRA parameters, with the config's betas, decay and epsilon."""
+    cls = optimizer_class(config)
+    # torch's single-tensor path keeps CPU results bit-identical across processes.
+    extra = {"foreach": False} if cls is torch.optim.AdamW else {}
+    return cls(
         params,
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
-        foreach=False,  # the single-tensor path keeps CPU results bit-identical across processes
+        **extra,
     )
 
 

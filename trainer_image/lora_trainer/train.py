@@ -38,7 +38,7 @@ from lora_trainer.paths import shorten
 from lora_trainer.progress import ProgressReporter
 from lora_trainer.signals import StopFlag
 from lora_trainer.single_file import convert_single_file, is_single_file
-from lora_trainer.steps import make_lr_scheduler, make_optimizer, total_steps, train_step
+from lora_trainer.steps import make_lr_scheduler, make_optimizer, optimizer_class, total_steps, train_step
 from lora_trainer.storage import Store, fetch_tree, open_store, parse_uri
 from lora_trainer.storeproc import StoreProcess, commit_checkpoint, open_upload_store
 from lora_trainer.tasks import Family, Parts, detect, load_family
@@ -181,6 +181,7 @@ class Trainer:
         c = self.config
         # Stale scratch from a killed attempt is never trusted; a folder that is not ours is refused.
         prepare_work_dir(self.scratch, "work_dir" if c.work_dir else "cache_dir")
+        optimizer_class(c)  # a missing optional optimizer stops the run before the model loads
         torch.manual_seed(c.seed)
         family, parts, params, stream, steps = self._prepare()  # bad inputs fail before the output is touched
         attempt = self._retrying("resolving the attempt", lambda: resolve_attempt(self.store))
