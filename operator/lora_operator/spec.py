@@ -137,7 +137,10 @@ class TrainingSpec(_Spec):
     warmup_steps: int = Field(0, ge=0, le=10_000_000, description="Linear learning-rate warm-up steps.")
     lr_num_cycles: int = Field(1, ge=1, le=1000, description="Cycles for the cosine_with_restarts schedule.")
     mixed_precision: MixedPrecision = Field("no", description="Autocast precision on GPUs (CPU runs in fp32).")
-    resolution: Resolution = 512
+    resolution: Resolution | None = Field(
+        None, description="Training resolution in pixels (square crops); unset: the model family's default "
+        "(512 for SD 1.x/2.x, 1024 for SDXL).",
+    )
     center_crop: bool = Field(True, description="Centre crop after resizing; false crops at random.")
     random_flip: bool = Field(False, description="Flip images horizontally at random.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for GPU memory in the UNet.")

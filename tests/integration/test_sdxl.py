@@ -7,7 +7,9 @@ Behaviours tested:
   the same image; the kohya file uses lora_unet_ / lora_te1_ / lora_te2_ keys with the run's alpha;
 - a run stopped as on SIGTERM (checkpoint committed, exit 75) and resumed ends with final weights
   sha256-equal to an uninterrupted run's;
-- time ids come from the real image sizes and crops.
+- time ids come from the real image sizes and crops;
+- a config that leaves resolution unset trains SDXL at 1024 and SD at 512, and the run's training
+  fields and hash record the value used.
 """
 
 from __future__ import annotations
@@ -128,3 +130,17 @@ def test_stopped_and_resumed_sdxl_is_bit_exact(trained: Path, tiny_sdxl: Path, t
 def test_time_ids_carry_sizes_and_crops() -> None:
     ids = time_ids([(48, 64), (32, 32)], [(0, 11), (0, 0)], 32)
     assert ids.tolist() == [[48, 64, 0, 11, 32, 32], [32, 32, 0, 0, 32, 32]]
+
+
+@pytest.mark.parametrize(("model", "used"), [("tiny_sdxl", 1024), ("tiny_sd", 512)])
+def test_unset_resolution_takes_the_family_default(model: str, used: int, request: pytest.FixtureRequest,
+                                                   tiny_data: Path, tmp_path: Path) -> None:
+    from lora_trainer.config import config_hash, training_fields
+
+    folder = request.getfixturevalue(model)
+    config = xl_config(folder, tiny_data, tmp_path / "out").model_copy(update={"resolution": None})
+    trainer = Trainer(config)
+    trainer._model_dir(folder, tmp_path / "cache")
+    assert trainer.config.resolution == used
+    assert trainer.fields == training_fields(trainer.config) and trainer.fields["resolution"] == used
+    assert trainer.hash == config_hash(trainer.config)

@@ -71,3 +71,20 @@ def test_detect_reads_model_index(tmp_path: Path) -> None:
 
 def test_config_values_are_the_registered_families() -> None:
     assert set(typing.get_args(ModelFamily)) == {"auto", *REGISTRY}
+
+
+@pytest.mark.parametrize(
+    ("family", "given", "used"),
+    [("sd", None, 512), ("sdxl", None, 1024), ("sd", 768, 768), ("sdxl", 64, 64)],
+)
+def test_unset_resolution_is_the_family_default(family: str, given: int | None, used: int) -> None:
+    from lora_trainer.config import config_hash, dump_config, parse_config, training_fields
+    from lora_trainer.tasks import with_family_defaults
+
+    data = {"base_model": "m", "train_data_dir": "d", "output_dir": "o", "max_train_steps": 1}
+    config = parse_config({**data, **({"resolution": given} if given else {})})
+    resolved = with_family_defaults(config, REGISTRY[family])
+    assert resolved.resolution == used
+    assert training_fields(resolved)["resolution"] == used  # what a checkpoint records and resume compares
+    assert f"resolution: {used}\n" in dump_config(resolved)  # config_backup.yaml
+    assert (config_hash(resolved) == config_hash(config)) == (given is not None)

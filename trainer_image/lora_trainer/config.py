@@ -152,7 +152,11 @@ class TrainConfig(_Model):
     )
     output_dir: str = Field(..., min_length=1, description="Where outputs go: local path, file://, or s3://.")
 
-    resolution: Resolution = 512
+    resolution: Resolution | None = Field(
+        None,
+        description="Training resolution in pixels (square crops); unset: the model family's default "
+        "(512 for SD 1.x/2.x, 1024 for SDXL).",
+    )
     center_crop: bool = Field(True, description="Centre crop after resizing; false crops at random.")
     random_flip: bool = Field(False, description="Flip images horizontally at random.")
 

@@ -41,7 +41,7 @@ from lora_trainer.single_file import convert_single_file, is_single_file
 from lora_trainer.steps import make_lr_scheduler, make_optimizer, optimizer_class, total_steps, train_step
 from lora_trainer.storage import Store, fetch_tree, open_store, parse_uri
 from lora_trainer.storeproc import StoreProcess, commit_checkpoint, open_upload_store
-from lora_trainer.tasks import Family, Parts, detect, load_family
+from lora_trainer.tasks import Family, Parts, detect, load_family, with_family_defaults
 from lora_trainer.tblog import RunLogs
 from lora_trainer.uploader import BackgroundUploader, retry_storage
 from lora_trainer.workdir import prepare_work_dir
@@ -133,14 +133,19 @@ class Trainer:
         """The diffusers folder to load (the base model itself, or its single file converted once)
         and its family, detected through the task registry (model_family insists on one).
 
-        A single file's sha256 joins the training fields, so resume refuses a changed file."""
+        The config takes the family's defaults for what it leaves unset (resolution), and the
+        training fields and hash are taken again from it; a single file's sha256 joins them, so
+        resume refuses a changed file."""
         c = self.config
         if not model.is_file():
             if c.base_model_config:
                 log.warning("base_model_config is only used with a single-file base_model; ignoring it")
-            return model, load_family(detect(model, c.model_family))
-        config_dir = self._fetch("base_model_config", c.base_model_config, cache, InputMissing) if c.base_model_config else None
-        folder, sha, info = convert_single_file(model, c.base_model, config_dir, cache_root(c), c.model_family)
+            folder, info, sha = model, detect(model, c.model_family), None
+        else:
+            config_dir = (self._fetch("base_model_config", c.base_model_config, cache, InputMissing)
+                          if c.base_model_config else None)
+            folder, sha, info = convert_single_file(model, c.base_model, config_dir, cache_root(c), c.model_family)
+        self.config = c = with_family_defaults(c, info)
         self.fields, self.hash = training_fields(c, sha), config_hash(c, sha)
         return folder, load_family(info)
 
@@ -154,12 +159,13 @@ class Trainer:
         else:
             model = self._fetch("base_model", c.base_model, cache, InputMissing)
         data_dir = self._fetch("train_data_dir", c.train_data_dir, cache, DatasetError)
+        model_dir, family = self._model_dir(model, cache)  # the family fills in what the config left unset
+        c = self.config
         report = check_dataset(data_dir, c.resolution, c.metadata_path, c.caption_extension, c.max_image_pixels)
         if report.warnings:
             log.warning(report.summary())
         if report.fatal:
             raise DatasetError(report.fatal)
-        model_dir, family = self._model_dir(model, cache)
         parts = family.load(model_dir, c)
         params = family.add_lora(parts, c)
         stream = BatchStream(report.samples, c.resolution, c.center_crop, c.random_flip, c.seed)
@@ -184,6 +190,7 @@ class Trainer:
         optimizer_class(c)  # a missing optional optimizer stops the run before the model loads
         torch.manual_seed(c.seed)
         family, parts, params, stream, steps = self._prepare()  # bad inputs fail before the output is touched
+        c = self.config  # with the family's defaults: what is hashed, checked and backed up
         attempt = self._retrying("resolving the attempt", lambda: resolve_attempt(self.store))
         self._retrying("claiming the output", lambda: checkpoint.claim_attempt(self.store, attempt))
         optimizer = make_optimizer(params, c)

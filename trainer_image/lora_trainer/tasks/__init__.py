@@ -16,6 +16,8 @@ Detection is pure and torch-free (the operator and the config checks may call it
 folder's `model_index.json` `_class_name`, or a single file's key layout (single_file.py), picks the
 family; `model_family` (default auto) insists on one. An unknown or mismatched pipeline is a
 ConfigError (exit 78) naming what was found. Family modules load lazily on first use.
+Settings a config leaves unset that depend on the family (`resolution`: 512 for SD, 1024 for SDXL)
+come from its FamilyInfo (`with_family_defaults`).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class FamilyInfo:
     checkpoint_kinds: tuple[str, ...]  # single_file.family_from_keys values it trains
     single_file_pipeline: str        # the diffusers pipeline that converts its single files
     module: str                      # implementation, imported on first use
+    default_resolution: int = 512    # `resolution` when the config leaves it unset
 
 
 REGISTRY: dict[str, FamilyInfo] = {
@@ -80,7 +83,7 @@ REGISTRY: dict[str, FamilyInfo] = {
         FamilyInfo("sd", "Stable Diffusion 1.x/2.x", ("StableDiffusionPipeline",), ("sd1", "sd2"),
                    "StableDiffusionPipeline", "lora_trainer.tasks.sd"),
         FamilyInfo("sdxl", "SDXL", ("StableDiffusionXLPipeline",), ("sdxl",),
-                   "StableDiffusionXLPipeline", "lora_trainer.tasks.sdxl"),
+                   "StableDiffusionXLPipeline", "lora_trainer.tasks.sdxl", default_resolution=1024),
     )
 }
 
@@ -156,6 +159,15 @@ def read_pipeline_class(model_dir: Path) -> str | None:
 def detect(model_dir: Path, override: str = AUTO) -> FamilyInfo:
     """The family of a local diffusers folder (model_index.json), checked against `override`."""
     return family_for_pipeline(read_pipeline_class(model_dir), override, str(model_dir))
+
+
+def with_family_defaults(config: TrainConfig, info: FamilyInfo) -> TrainConfig:
+    """The config with the settings it leaves to the family filled in (pure): `resolution`.
+
+    The run hashes, checks and backs up this config, so they record the values used."""
+    if config.resolution is None:
+        return config.model_copy(update={"resolution": info.default_resolution})
+    return config
 
 
 def load_family(info: FamilyInfo) -> Family:
