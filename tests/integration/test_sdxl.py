@@ -128,8 +128,8 @@ def test_stopped_and_resumed_sdxl_is_bit_exact(trained: Path, tiny_sdxl: Path, t
 
 
 def test_time_ids_carry_sizes_and_crops() -> None:
-    ids = time_ids([(48, 64), (32, 32)], [(0, 11), (0, 0)], 32)
-    assert ids.tolist() == [[48, 64, 0, 11, 32, 32], [32, 32, 0, 0, 32, 32]]
+    ids = time_ids([(48, 64), (32, 32)], [(0, 11), (0, 0)], (32, 48))
+    assert ids.tolist() == [[48, 64, 0, 11, 32, 48], [32, 32, 0, 0, 32, 48]]
 
 
 @pytest.mark.parametrize(("model", "used"), [("tiny_sdxl", 1024), ("tiny_sd", 512)])

@@ -159,6 +159,15 @@ class TrainConfig(_Model):
     )
     center_crop: bool = Field(True, description="Centre crop after resizing; false crops at random.")
     random_flip: bool = Field(False, description="Flip images horizontally at random.")
+    enable_bucket: bool = Field(
+        False, description="Aspect-ratio buckets (kohya): each image cropped to the bucket nearest its aspect "
+        "ratio instead of a square; batches drawn within one bucket.",
+    )
+    min_bucket_reso: int = Field(256, ge=8, le=4096, multiple_of=8, description="Shortest bucket side in pixels.")
+    max_bucket_reso: int = Field(1024, ge=8, le=8192, multiple_of=8, description="Longest bucket side in pixels.")
+    bucket_reso_steps: int = Field(
+        64, ge=8, le=1024, multiple_of=8, description="Bucket sides are multiples of this many pixels."
+    )
 
     lora_rank: Rank = 8
     lora_alpha: Alpha | None = None
@@ -251,6 +260,8 @@ class TrainConfig(_Model):
     def _check(self) -> TrainConfig:
         if problem := next(iter(place_problems(self)), None):
             raise ValueError(problem)
+        if self.min_bucket_reso > self.max_bucket_reso:
+            raise ValueError(f"min_bucket_reso ({self.min_bucket_reso}) is over max_bucket_reso ({self.max_bucket_reso})")
         if self.epochs is None and self.max_train_steps is None:
             raise ValueError("set epochs or max_train_steps (e.g. max_train_steps: 1000)")
         if self.lr_warmup_steps and self.max_train_steps and self.lr_warmup_steps > self.max_train_steps:
@@ -286,11 +297,15 @@ TRAINING_FIELDS: tuple[str, ...] = (
     "train_text_encoder", "text_encoder_target_modules", "batch_size", "gradient_accumulation_steps",
     "epochs", "max_train_steps", "learning_rate", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps",
     "lr_num_cycles", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-    "mixed_precision", "noise_offset", "seed", "optimizer",
+    "mixed_precision", "noise_offset", "seed", "optimizer", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
+    "bucket_reso_steps",
 )
 
 # Training fields added after checkpoints existed: a manifest without one was made with this value.
-ADDED_FIELD_DEFAULTS: dict[str, Any] = {"optimizer": "adamw"}
+ADDED_FIELD_DEFAULTS: dict[str, Any] = {
+    "optimizer": "adamw", "enable_bucket": False, "min_bucket_reso": 256, "max_bucket_reso": 1024,
+    "bucket_reso_steps": 64,
+}
 
 
 BASE_MODEL_SHA256 = "base_model_sha256"  # joins the training fields for a single-file base_model

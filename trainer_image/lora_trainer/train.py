@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lora_trainer import checkpoint, contract, state
+from lora_trainer.buckets import BucketStream, make_stream
 from lora_trainer.config import (
     TrainConfig,
     bounded_s3,
@@ -149,7 +150,7 @@ class Trainer:
         self.fields, self.hash = training_fields(c, sha), config_hash(c, sha)
         return folder, load_family(info)
 
-    def _prepare(self) -> tuple[Family, Parts, list, BatchStream, int]:
+    def _prepare(self) -> tuple[Family, Parts, list, BatchStream | BucketStream, int]:
         # Inputs live in the cache, not under work_dir: a pod's root filesystem is read-only and
         # only the cache (an emptyDir) is writable; a second attempt on the node reuses them.
         cache = cache_root(self.config) / "inputs"
@@ -168,7 +169,7 @@ class Trainer:
             raise DatasetError(report.fatal)
         parts = family.load(model_dir, c)
         params = family.add_lora(parts, c)
-        stream = BatchStream(report.samples, c.resolution, c.center_crop, c.random_flip, c.seed)
+        stream = make_stream(report.samples, c)  # square, or aspect-ratio buckets
         return family, parts, params, stream, total_steps(c, len(report.samples))
 
     def run(self) -> RunResult:

@@ -71,9 +71,11 @@ class Inputs:
     time_ids: torch.Tensor  # (B, 6)
 
 
-def time_ids(original_sizes: list[tuple[int, int]], crops: list[tuple[int, int]], resolution: int) -> torch.Tensor:
+def time_ids(
+    original_sizes: list[tuple[int, int]], crops: list[tuple[int, int]], target: tuple[int, int]
+) -> torch.Tensor:
     """SDXL's micro-conditioning per sample: (orig h, orig w, crop top, crop left, target h, target w)."""
-    rows = [[*size, *crop, resolution, resolution] for size, crop in zip(original_sizes, crops, strict=True)]
+    rows = [[*size, *crop, *target] for size, crop in zip(original_sizes, crops, strict=True)]
     return torch.tensor(rows, dtype=torch.float32)
 
 
@@ -161,7 +163,8 @@ class StableDiffusionXL:
             else:
                 with torch.no_grad():
                     hidden, pooled = encode_prompts(parts, batch.captions)
-        ids = time_ids(batch.original_sizes, batch.crops, config.resolution).to(parts.device, parts.weight_dtype)
+        target = (batch.pixels.shape[-2], batch.pixels.shape[-1])  # the crop: a square, or the bucket
+        ids = time_ids(batch.original_sizes, batch.crops, target).to(parts.device, parts.weight_dtype)
         return Inputs(latents, hidden, pooled, ids)
 
     def loss(self, parts: Components, config: TrainConfig, inputs: Inputs, g: torch.Generator) -> torch.Tensor:
