@@ -207,6 +207,10 @@ class TrainConfig(_Model):
         "no", description="Autocast precision on CUDA; on CPU training always runs in fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.")
+    cache_latents: bool = Field(False, description="Cache VAE posteriors by content (under cache/ in the output).")
+    cache_text_embeddings: bool = Field(
+        False, description="Cache text-encoder outputs by caption (frozen text encoders only)."
+    )
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise strength (0 disables).")
     seed: Seed = 42
     max_image_pixels: int = Field(
@@ -298,13 +302,13 @@ TRAINING_FIELDS: tuple[str, ...] = (
     "epochs", "max_train_steps", "learning_rate", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps",
     "lr_num_cycles", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
     "mixed_precision", "noise_offset", "seed", "optimizer", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
-    "bucket_reso_steps",
+    "bucket_reso_steps", "cache_latents", "cache_text_embeddings",
 )
 
 # Training fields added after checkpoints existed: a manifest without one was made with this value.
 ADDED_FIELD_DEFAULTS: dict[str, Any] = {
     "optimizer": "adamw", "enable_bucket": False, "min_bucket_reso": 256, "max_bucket_reso": 1024,
-    "bucket_reso_steps": 64,
+    "bucket_reso_steps": 64, "cache_latents": False, "cache_text_embeddings": False,
 }
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from diffusers.optimization import get_scheduler
 
+from lora_trainer.cache import EncodeCache
 from lora_trainer.config import TrainConfig
 from lora_trainer.data import BatchStream, ImageBatch, derive_seed
 from lora_trainer.errors import ConfigError
@@ -83,11 +84,12 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, ste
     )
 
 
-def micro_step_loss(family: Family, parts: Parts, config: TrainConfig, batch: ImageBatch, seed: int) -> torch.Tensor:
+def micro_step_loss(family: Family, parts: Parts, config: TrainConfig, batch: ImageBatch, seed: int,
+                    cache: EncodeCache | None = None) -> torch.Tensor:
     """The loss of one micro-batch, with all randomness drawn from `seed`: samples -> model inputs -> loss."""
     torch.manual_seed(seed)  # LoRA dropout draws from the global generator
     g = torch.Generator(device=parts.device).manual_seed(seed)
-    inputs = family.encode(parts, config, batch, g)
+    inputs = family.encode(parts, config, batch, g, cache) if cache is not None else family.encode(parts, config, batch, g)
     return family.loss(parts, config, inputs, g)
 
 
@@ -101,13 +103,14 @@ def train_step(
     lr_scheduler,
     scaler: torch.amp.GradScaler | None,
     step: int,
+    cache: EncodeCache | None = None,
 ) -> StepResult:
     """Run one optimizer step (all its micro-batches) and return its loss, grad norm and LR."""
     accum = config.gradient_accumulation_steps
     total = 0.0
     for micro in range(accum):
         batch = stream.next_samples(config.batch_size)
-        loss = micro_step_loss(family, parts, config, batch, derive_seed(config.seed, step, micro))
+        loss = micro_step_loss(family, parts, config, batch, derive_seed(config.seed, step, micro), cache)
         scaled = loss / accum
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.item()

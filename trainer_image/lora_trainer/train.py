@@ -22,6 +22,7 @@ import torch
 
 from lora_trainer import checkpoint, contract, state
 from lora_trainer.buckets import BucketStream, make_stream
+from lora_trainer.cache import EncodeCache, cache_kinds
 from lora_trainer.config import (
     TrainConfig,
     bounded_s3,
@@ -99,6 +100,7 @@ class Trainer:
         self.scratch = scratch_root(config)
         self.hash = config_hash(config)
         self.fields = training_fields(config)
+        self.cache: EncodeCache | None = None  # set when the run caches model inputs
 
     def _retrying(self, label: str, fn):
         """Start-up storage calls ride out a flaky store like background uploads do."""
@@ -192,6 +194,7 @@ class Trainer:
         torch.manual_seed(c.seed)
         family, parts, params, stream, steps = self._prepare()  # bad inputs fail before the output is touched
         c = self.config  # with the family's defaults: what is hashed, checked and backed up
+        kinds = cache_kinds(c.cache_latents, c.cache_text_embeddings, family.cacheable(c))
         attempt = self._retrying("resolving the attempt", lambda: resolve_attempt(self.store))
         self._retrying("claiming the output", lambda: checkpoint.claim_attempt(self.store, attempt))
         optimizer = make_optimizer(params, c)
@@ -215,6 +218,8 @@ class Trainer:
 
         logs = RunLogs(self.scratch / contract.LOGS_DIR, uploads, resume_step=step)
         uploader = BackgroundUploader(retry_deadline=c.storage_retry_seconds)
+        self.cache = EncodeCache(kinds, self.store, self.scratch, lambda key, path: uploader.submit(
+            f"cache {key}", lambda: uploads.put_file(key, path))) if kinds else None
         backup = dump_config(c).encode()
         uploader.submit("config backup", lambda: uploads.put_bytes(contract.CONFIG_BACKUP, backup))
         reporter = ProgressReporter(total=steps, start=step, every=c.log_every)
@@ -259,7 +264,7 @@ class Trainer:
             while step < steps:
                 if self.stop.requested:
                     break
-                out = train_step(family, parts, c, stream, params, optimizer, lr_scheduler, scaler, step)
+                out = train_step(family, parts, c, stream, params, optimizer, lr_scheduler, scaler, step, self.cache)
                 step += 1
                 result.losses[step] = out.loss
                 logs.scalar(step, out.loss, out.lr, out.grad_norm)

@@ -7,7 +7,8 @@ The loop (train.py), checkpointing, storage, progress and the operator know only
     add_lora(parts, config) -> params          adapters attached; the parameters to optimise
     trainable(parts, config) -> {name: module} modules whose LoRA weights a checkpoint holds
     cacheable(config) -> {"latents", "text"}   model inputs that do not change as training goes
-    encode(parts, config, batch, g) -> inputs  samples -> model inputs (tokenize, encode, extras)
+    encode(parts, config, batch, g, cache)     samples -> model inputs (tokenize, encode, extras); what
+                                               cacheable allows through the cache when one is given
     loss(parts, config, inputs, g) -> tensor   model inputs -> the training loss
     save_lora(parts, config, path)             the LoRA in its primary (diffusers) format
     export(parts, config, folder)              the final files, as (path, name in the output)
@@ -35,6 +36,7 @@ from lora_trainer.paths import shorten
 if TYPE_CHECKING:
     import torch
 
+    from lora_trainer.cache import EncodeCache
     from lora_trainer.config import TrainConfig
     from lora_trainer.data import ImageBatch
 
@@ -58,7 +60,8 @@ class Family(Protocol):
     def add_lora(self, parts: Any, config: TrainConfig) -> list[torch.nn.Parameter]: ...
     def trainable(self, parts: Any, config: TrainConfig) -> dict[str, torch.nn.Module]: ...
     def cacheable(self, config: TrainConfig) -> frozenset[str]: ...
-    def encode(self, parts: Any, config: TrainConfig, batch: ImageBatch, g: torch.Generator) -> Any: ...
+    def encode(self, parts: Any, config: TrainConfig, batch: ImageBatch, g: torch.Generator,
+               cache: EncodeCache | None = None) -> Any: ...
     def loss(self, parts: Any, config: TrainConfig, inputs: Any, g: torch.Generator) -> torch.Tensor: ...
     def save_lora(self, parts: Any, config: TrainConfig, path: Path) -> Path: ...
     def export(self, parts: Any, config: TrainConfig, folder: Path) -> list[tuple[Path, str]]: ...

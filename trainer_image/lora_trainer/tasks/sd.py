@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils import convert_state_dict_to_diffusers
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from lora_trainer import contract
+from lora_trainer.cache import EncodeCache, content_key, module_key, tensor_bytes
 from lora_trainer.config import TrainConfig
 from lora_trainer.data import ImageBatch
 from lora_trainer.errors import InputMissing
@@ -100,6 +102,26 @@ def vae_latents(vae: AutoencoderKL, pixels: torch.Tensor, g: torch.Generator, de
         return latents * vae.config.scaling_factor
 
 
+def cached_latents(
+    cache: EncodeCache, vae: AutoencoderKL, pixels: torch.Tensor, g: torch.Generator, device, dtype
+) -> torch.Tensor:
+    """`vae_latents` through the cache: each image's posterior (keyed by its exact pixels and the VAE)
+    encoded alone or read back, then sampled with `g` as the uncached path samples it."""
+    vae_id = module_key(vae)
+    moments = []
+    for i in range(pixels.shape[0]):
+        px = pixels[i:i + 1]
+
+        def compute(px: torch.Tensor = px) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                return {"moments": vae.encode(px.to(device, dtype)).latent_dist.parameters}
+
+        moments.append(cache.get("latents", content_key("latents", vae_id, tensor_bytes(px)), compute)["moments"])
+    with torch.no_grad():
+        dist = DiagonalGaussianDistribution(torch.cat(moments).to(device, dtype))
+        return dist.sample(generator=g) * vae.config.scaling_factor
+
+
 def denoising_loss(
     unet: torch.nn.Module, scheduler: DDPMScheduler, config: TrainConfig, latents: torch.Tensor,
     g: torch.Generator, autocast, **conditioning,
@@ -166,8 +188,22 @@ class StableDiffusion:
         """Latents (the VAE's posterior) always; text embeddings while the text encoder is frozen."""
         return frozenset({"latents"} if config.train_text_encoder else {"latents", "text"})
 
-    def encode(self, parts: Components, config: TrainConfig, batch: ImageBatch, g: torch.Generator) -> Inputs:
-        latents = vae_latents(parts.vae, batch.pixels, g, parts.device, parts.weight_dtype)
+    def encode(self, parts: Components, config: TrainConfig, batch: ImageBatch, g: torch.Generator,
+               cache: EncodeCache | None = None) -> Inputs:
+        if cache is not None and "latents" in cache.kinds:
+            latents = cached_latents(cache, parts.vae, batch.pixels, g, parts.device, parts.weight_dtype)
+        else:
+            latents = vae_latents(parts.vae, batch.pixels, g, parts.device, parts.weight_dtype)
+        if cache is not None and "text" in cache.kinds:
+            te_id = module_key(parts.text_encoder)
+
+            def compute(caption: str) -> dict[str, torch.Tensor]:
+                with torch.no_grad(), autocast_for(parts.device, parts.weight_dtype):
+                    return {"hidden": encode_prompts(parts, [caption])}
+
+            rows = [cache.get("text", content_key("text", te_id, c), lambda c=c: compute(c))["hidden"]
+                    for c in batch.captions]
+            return Inputs(latents, torch.cat(rows).to(parts.device))
         with autocast_for(parts.device, parts.weight_dtype):
             if config.train_text_encoder:
                 hidden = encode_prompts(parts, batch.captions)

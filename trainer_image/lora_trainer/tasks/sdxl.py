@@ -21,6 +21,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lora_trainer import contract
+from lora_trainer.cache import EncodeCache, content_key, module_key
 from lora_trainer.config import TrainConfig
 from lora_trainer.data import ImageBatch
 from lora_trainer.errors import InputMissing
@@ -41,7 +42,7 @@ from lora_trainer.model import (
     weight_dtype_for,
 )
 from lora_trainer.tasks import REGISTRY
-from lora_trainer.tasks.sd import autocast_for, denoising_loss, vae_latents
+from lora_trainer.tasks.sd import autocast_for, cached_latents, denoising_loss, vae_latents
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
@@ -155,17 +156,39 @@ class StableDiffusionXL:
         """Latents always; text embeddings (hidden + pooled) while both text encoders are frozen."""
         return frozenset({"latents"} if config.train_text_encoder else {"latents", "text"})
 
-    def encode(self, parts: Components, config: TrainConfig, batch: ImageBatch, g: torch.Generator) -> Inputs:
-        latents = vae_latents(parts.vae, batch.pixels, g, parts.device, parts.vae.dtype).to(parts.weight_dtype)
-        with autocast_for(parts.device, parts.weight_dtype):
-            if config.train_text_encoder:
-                hidden, pooled = encode_prompts(parts, batch.captions)
-            else:
-                with torch.no_grad():
+    def encode(self, parts: Components, config: TrainConfig, batch: ImageBatch, g: torch.Generator,
+               cache: EncodeCache | None = None) -> Inputs:
+        if cache is not None and "latents" in cache.kinds:
+            latents = cached_latents(cache, parts.vae, batch.pixels, g, parts.device, parts.vae.dtype)
+        else:
+            latents = vae_latents(parts.vae, batch.pixels, g, parts.device, parts.vae.dtype)
+        latents = latents.to(parts.weight_dtype)
+        if cache is not None and "text" in cache.kinds:
+            hidden, pooled = self._cached_text(parts, batch.captions, cache)
+        else:
+            with autocast_for(parts.device, parts.weight_dtype):
+                if config.train_text_encoder:
                     hidden, pooled = encode_prompts(parts, batch.captions)
+                else:
+                    with torch.no_grad():
+                        hidden, pooled = encode_prompts(parts, batch.captions)
         target = (batch.pixels.shape[-2], batch.pixels.shape[-1])  # the crop: a square, or the bucket
         ids = time_ids(batch.original_sizes, batch.crops, target).to(parts.device, parts.weight_dtype)
         return Inputs(latents, hidden, pooled, ids)
+
+    def _cached_text(self, parts: Components, captions: list[str], cache: EncodeCache
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states and pooled embeddings per caption, keyed by the caption and both encoders' weights."""
+        encoders = (module_key(parts.text_encoder), module_key(parts.text_encoder_2))
+
+        def compute(caption: str) -> dict[str, torch.Tensor]:
+            with torch.no_grad(), autocast_for(parts.device, parts.weight_dtype):
+                hidden, pooled = encode_prompts(parts, [caption])
+            return {"hidden": hidden, "pooled": pooled}
+
+        rows = [cache.get("text", content_key("text", *encoders, c), lambda c=c: compute(c)) for c in captions]
+        return (torch.cat([r["hidden"] for r in rows]).to(parts.device),
+                torch.cat([r["pooled"] for r in rows]).to(parts.device))
 
     def loss(self, parts: Components, config: TrainConfig, inputs: Inputs, g: torch.Generator) -> torch.Tensor:
         autocast = autocast_for(parts.device, parts.weight_dtype)
