@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -188,6 +189,22 @@ def pytest_report_header(config: pytest.Config) -> str:
     where = {"emulator": "emulator", "real": f"real control plane ({os.environ.get('KUBEBUILDER_ASSETS')})",
              "cluster": f"cluster from {os.environ.get(KUBECONFIG_ENV)}"}
     return "kubernetes tier targets: " + ", ".join(where[n] for n in names)
+
+
+_TARGET_ID = re.compile(r"\[(emulator|real|cluster)[\]-]")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """One closing line saying how many Kubernetes-tier tests ran on each target (also under -q)."""
+    counts: dict[str, int] = {}
+    for outcome in ("passed", "failed", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            match = _TARGET_ID.search(getattr(report, "nodeid", ""))
+            if match and getattr(report, "when", "call") == "call":
+                counts[match.group(1)] = counts.get(match.group(1), 0) + 1
+    if counts:
+        terminalreporter.write_line("kubernetes tier ran on: " + ", ".join(
+            f"{name} ({n} tests)" for name, n in sorted(counts.items())))
 
 
 @pytest.fixture(scope="session")
