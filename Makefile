@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; v == "$(PYTHON_VERSION)" or print(f"warning: $(VENV) runs Python {v}; $(LOCK) was resolved for $(PYTHON_VERSION)")'
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c $(LOCK) torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -c $(LOCK) -e '.[trainer,operator,dev]'
+	$(PY) -m pip install -q -c $(LOCK) -e '.[trainer,operator,dev,bench]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 # A real control plane for the Kubernetes tier, envtest-style: ../shared/envtest's archive unpacks

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "constraints.txt"
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
-EXTRAS = "trainer,operator,dev"
+EXTRAS = "trainer,operator,dev,bench"
 HEADER = """\
 # The one version truth: every third-party package of the tested environment, pinned.
 # A pip constraints file, used by `make install`, operator/Dockerfile, trainer_image/Dockerfile

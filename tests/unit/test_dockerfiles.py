@@ -280,7 +280,7 @@ def test_make_install_goes_through_the_lock() -> None:
     torch_line, project_line = installs
     assert f"-c {LOCK_REL}" in torch_line and f"-c {LOCK_REL}" in project_line
     assert re.search(rf"\btorch=={re.escape(lock_pins()['torch'])}(\s|$)", torch_line), torch_line
-    assert "-e '.[trainer,operator,dev]'" in project_line
+    assert "-e '.[trainer,operator,dev,bench]'" in project_line
     assert f'v == "{lock_python()}"' in out, "make install must check the venv's Python against the lock's"
 
 
