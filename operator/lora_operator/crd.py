@@ -96,11 +96,35 @@ def _immutable(spec: dict[str, Any]) -> None:
         }]
 
 
+# Cross-field rules the API server checks at admission (parse_spec checks them again, naming the field).
+CROSS_FIELD_RULES: dict[str, list[dict[str, str]]] = {
+    "": [{
+        "rule": "!(has(self.training) && has(self.training.cacheTextEmbeddings) && self.training.cacheTextEmbeddings"
+                " && has(self.lora) && has(self.lora.trainTextEncoder) && self.lora.trainTextEncoder)",
+        "message": "spec.training.cacheTextEmbeddings needs spec.lora.trainTextEncoder false (a trained text encoder's "
+                   "outputs change as training goes); set one of them to false",
+    }],
+    "training.buckets": [{
+        "rule": "!has(self.minResolution) || !has(self.maxResolution) || self.minResolution <= self.maxResolution",
+        "message": "spec.training.buckets.minResolution must not be over maxResolution",
+    }],
+}
+
+
+def _cross_field(spec: dict[str, Any]) -> None:
+    for path, rules in CROSS_FIELD_RULES.items():
+        node = spec
+        for name in filter(None, path.split(".")):
+            node = node["properties"][name]
+        node.setdefault("x-kubernetes-validations", []).extend(rules)
+
+
 def build_crd() -> dict[str, Any]:
     """The CustomResourceDefinition as a dict."""
     spec = openapi_schema(JobSpec)
     spec["description"] = "What to train and where; see examples/ for complete jobs."
     _immutable(spec)
+    _cross_field(spec)
     status = openapi_schema(JobStatus)
     status["description"] = "Observed state, written by the operator."
     root = {

@@ -23,6 +23,7 @@ from lora_trainer.config import (
     LrScheduler,
     MixedPrecision,
     ModelFamily,
+    Optimizer,
     Rank,
     Resolution,
     S3Config,
@@ -122,6 +123,31 @@ class LoraSpec(_Spec):
     )
 
 
+# Bucket bounds are the trainer's own (TrainConfig), so the CRD refuses what the trainer would.
+BucketMin = Annotated[int, *TrainConfig.model_fields["min_bucket_reso"].metadata]
+BucketMax = Annotated[int, *TrainConfig.model_fields["max_bucket_reso"].metadata]
+BucketStep = Annotated[int, *TrainConfig.model_fields["bucket_reso_steps"].metadata]
+
+
+class BucketSpec(_Spec):
+    """Aspect-ratio buckets (kohya's): images keep their shape instead of a square crop."""
+
+    enabled: bool = Field(
+        False, description="Crop each image to the bucket (width x height, area at most resolution squared) "
+        "nearest its aspect ratio instead of a square; batches are drawn within one bucket.",
+    )
+    min_resolution: BucketMin = Field(
+        TrainConfig.model_fields["min_bucket_reso"].default, description="Shortest bucket side in pixels."
+    )
+    max_resolution: BucketMax = Field(
+        TrainConfig.model_fields["max_bucket_reso"].default, description="Longest bucket side in pixels."
+    )
+    step: BucketStep = Field(
+        TrainConfig.model_fields["bucket_reso_steps"].default,
+        description="Bucket sides are multiples of this many pixels (at most the resolution).",
+    )
+
+
 class TrainingSpec(_Spec):
     """Optimisation settings; every field here defines what is trained, so it is immutable."""
 
@@ -144,6 +170,22 @@ class TrainingSpec(_Spec):
     center_crop: bool = Field(True, description="Centre crop after resizing; false crops at random.")
     random_flip: bool = Field(False, description="Flip images horizontally at random.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for GPU memory in the UNet.")
+    optimizer: Optimizer = Field(
+        "adamw", description="adamw (torch), or adamw8bit (bitsandbytes' 8-bit AdamW, less GPU memory; a trainer "
+        "image without bitsandbytes fails the job with exit 78, not retried).",
+    )
+    buckets: BucketSpec = Field(
+        default_factory=BucketSpec, description="Aspect-ratio buckets; off by default (square crops).",
+        json_schema_extra={"default": {}},
+    )
+    cache_latents: bool = Field(
+        False, description="Encode each distinct crop with the VAE once, keyed by its pixels and the VAE; the "
+        "cache is kept under cache/ in the output, so a resumed attempt reuses it.",
+    )
+    cache_text_embeddings: bool = Field(
+        False, description="Encode each caption once, keyed by the caption and the text encoders (kept like "
+        "cacheLatents); needs lora.trainTextEncoder false.",
+    )
     max_grad_norm: float = Field(1.0, ge=0, le=1000, description="Gradient clipping norm; 0 disables clipping.")
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset-noise strength; 0 disables it.")
     seed: Seed = 42
@@ -269,6 +311,7 @@ def parse_spec(data: Any) -> JobSpec:
             f"{t.warmup_steps} exceeds maxTrainSteps ({t.max_train_steps}); lower warmupSteps",
         )
     _check_output_apart(spec)
+    _check_training_options(spec)
     ce = spec.checkpoint.every_steps
     if ce is not None and t.max_train_steps is not None and ce > t.max_train_steps:
         raise SpecError(
@@ -276,6 +319,27 @@ def parse_spec(data: Any) -> JobSpec:
             f"{ce} exceeds maxTrainSteps ({t.max_train_steps}); no intermediate checkpoint would ever be committed",
         )
     return spec
+
+
+def _check_training_options(spec: JobSpec) -> None:
+    # The trainer refuses these too (exit 78), but only once a pod has started and loaded the model.
+    t, b = spec.training, spec.training.buckets
+    if t.cache_text_embeddings and spec.lora.train_text_encoder:
+        raise SpecError(
+            "spec.training.cacheTextEmbeddings",
+            "true, but spec.lora.trainTextEncoder is true: trained text encoders change their outputs as training "
+            "goes; set cacheTextEmbeddings: false or trainTextEncoder: false",
+        )
+    if b.min_resolution > b.max_resolution:
+        raise SpecError(
+            "spec.training.buckets.minResolution",
+            f"{b.min_resolution} is over maxResolution ({b.max_resolution}); lower minResolution or raise maxResolution",
+        )
+    if b.enabled and t.resolution is not None and b.step > t.resolution:
+        raise SpecError(
+            "spec.training.buckets.step",
+            f"{b.step} is over resolution ({t.resolution}); use a step no larger than the resolution, e.g. 64",
+        )
 
 
 def _uri_parts(uri: str) -> tuple[str, tuple[str, ...]]:
@@ -351,6 +415,13 @@ CONFIG_PATHS: dict[str, str] = {
     "center_crop": "spec.training.centerCrop",
     "random_flip": "spec.training.randomFlip",
     "gradient_checkpointing": "spec.training.gradientCheckpointing",
+    "optimizer": "spec.training.optimizer",
+    "enable_bucket": "spec.training.buckets.enabled",
+    "min_bucket_reso": "spec.training.buckets.minResolution",
+    "max_bucket_reso": "spec.training.buckets.maxResolution",
+    "bucket_reso_steps": "spec.training.buckets.step",
+    "cache_latents": "spec.training.cacheLatents",
+    "cache_text_embeddings": "spec.training.cacheTextEmbeddings",
     "max_grad_norm": "spec.training.maxGradNorm",
     "noise_offset": "spec.training.noiseOffset",
     "seed": "spec.training.seed",
@@ -395,6 +466,13 @@ def to_train_config(spec: JobSpec) -> TrainConfig:
         "max_grad_norm": t.max_grad_norm,
         "mixed_precision": t.mixed_precision,
         "gradient_checkpointing": t.gradient_checkpointing,
+        "optimizer": t.optimizer,
+        "enable_bucket": t.buckets.enabled,
+        "min_bucket_reso": t.buckets.min_resolution,
+        "max_bucket_reso": t.buckets.max_resolution,
+        "bucket_reso_steps": t.buckets.step,
+        "cache_latents": t.cache_latents,
+        "cache_text_embeddings": t.cache_text_embeddings,
         "noise_offset": t.noise_offset,
         "seed": t.seed,
         "save_steps": spec.checkpoint.every_steps,

@@ -376,6 +376,12 @@ def test_schema_refuses_bad_specs(cluster: Cluster, what: str, blocks: dict[str,
 CEL_CASES = [
     ("training fields are immutable", "patch", {"spec": {"lora": {"rank": 16}}}, "spec.lora is immutable"),
     ("name over 52 characters", "create", "j" * 53, "metadata.name must be at most 52 characters"),
+    ("text caching with a trained text encoder", "spec",
+     {"training": {"maxTrainSteps": 40, "cacheTextEmbeddings": True}, "lora": {"trainTextEncoder": True}},
+     "spec.training.cacheTextEmbeddings needs spec.lora.trainTextEncoder false"),
+    ("bucket minResolution over maxResolution", "spec",
+     {"training": {"maxTrainSteps": 40, "buckets": {"minResolution": 1024, "maxResolution": 512}}},
+     "spec.training.buckets.minResolution must not be over maxResolution"),
 ]
 
 
@@ -387,6 +393,8 @@ def test_cel_rules(kube_api: KubeTarget, cluster: Cluster, what: str, how: str, 
         if how == "patch":
             cluster.create_job("frozen", job_spec())
             cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, cluster.ns, PLURAL, "frozen", change)
+        elif how == "spec":
+            cluster.create_job("refused", job_spec(**change))
         else:
             cluster.create_job(change, job_spec())
     assert info.value.status == 422 and says in json.loads(info.value.body)["message"], what

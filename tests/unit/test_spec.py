@@ -150,3 +150,59 @@ def test_output_inside_the_base_model_config_is_refused() -> None:
             "output": {"uri": "s3://m/cfg/out/"}}
     with pytest.raises(SpecError, match=r"spec.output.uri: .* is inside spec.baseModel.config"):
         parse_spec(data)
+
+
+def _training(**fields: object) -> dict:
+    return {**MINIMAL_SPEC, "training": {"maxTrainSteps": 100, **fields}}
+
+
+@pytest.mark.parametrize(
+    ("training", "lora", "expected"),
+    [
+        ({}, {}, {"optimizer": "adamw", "enable_bucket": False, "min_bucket_reso": 256, "max_bucket_reso": 1024,
+                  "bucket_reso_steps": 64, "cache_latents": False, "cache_text_embeddings": False}),
+        ({"optimizer": "adamw8bit"}, {}, {"optimizer": "adamw8bit"}),
+        ({"buckets": {"enabled": True, "minResolution": 512, "maxResolution": 2048, "step": 32}}, {},
+         {"enable_bucket": True, "min_bucket_reso": 512, "max_bucket_reso": 2048, "bucket_reso_steps": 32}),
+        ({"cacheLatents": True, "cacheTextEmbeddings": True}, {}, {"cache_latents": True, "cache_text_embeddings": True}),
+        ({"cacheLatents": True}, {"trainTextEncoder": True}, {"cache_latents": True, "train_text_encoder": True}),
+        ({"resolution": 64, "buckets": {"enabled": True, "step": 64}}, {}, {"bucket_reso_steps": 64, "resolution": 64}),
+    ],
+)
+def test_sdxl_options_reach_the_trainer(training: dict, lora: dict, expected: dict) -> None:
+    """Optimizer, buckets and caches map onto the trainer's keys (lora-train reads the same names from YAML)."""
+    got = to_train_config(parse_spec({**_training(**training), "lora": lora})).model_dump()
+    assert {k: got[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("training", "lora", "field", "words"),
+    [
+        ({"cacheTextEmbeddings": True}, {"trainTextEncoder": True}, "spec.training.cacheTextEmbeddings",
+         "set cacheTextEmbeddings: false or trainTextEncoder: false"),
+        ({"buckets": {"minResolution": 1024, "maxResolution": 512}}, {}, "spec.training.buckets.minResolution",
+         "1024 is over maxResolution (512)"),
+        ({"resolution": 32, "buckets": {"enabled": True}}, {}, "spec.training.buckets.step", "64 is over resolution (32)"),
+        ({"buckets": {"step": 12}}, {}, "spec.training.buckets.step", "multiple of 8"),
+        ({"buckets": {"minResolution": 0}}, {}, "spec.training.buckets.minResolution", "greater than or equal to 8"),
+        ({"buckets": {"enabled": True, "maxResolution": 9000}}, {}, "spec.training.buckets.maxResolution", "8192"),
+        ({"buckets": {"enable": True}}, {}, "spec.training.buckets.enable", "Extra inputs"),
+        ({"optimizer": "lion"}, {}, "spec.training.optimizer", "adamw8bit"),
+    ],
+)
+def test_sdxl_options_refused_naming_the_field(training: dict, lora: dict, field: str, words: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec({**_training(**training), "lora": lora})
+    assert info.value.field == field
+    assert field in str(info.value) and words in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"])
+def test_bucket_bounds_are_the_trainers(name: str) -> None:
+    """The CRD refuses exactly what TrainConfig refuses (one source for the bounds)."""
+    from lora_operator.spec import BucketSpec
+    from lora_trainer.config import TrainConfig
+
+    crd = {"min_bucket_reso": "min_resolution", "max_bucket_reso": "max_resolution", "bucket_reso_steps": "step"}[name]
+    ours, theirs = BucketSpec.model_fields[crd], TrainConfig.model_fields[name]
+    assert (ours.default, ours.metadata) == (theirs.default, theirs.metadata)
