@@ -3,6 +3,15 @@
 The CRD schema is generated from these models (`lora_operator.crd`), so the API server rejects
 what a schema can say; `parse_spec` and `to_train_config` catch the rest and name the field by its
 CRD path (`spec.training.warmupSteps`), never by the trainer's snake_case name.
+
+Two tasks share one spec. `task: causal-lm` reads `dataset.uri` as one JSONL file (the trainer's
+`train_file`) and adds the LLM fields (`dataset.evalUri`/`evalFraction`, `training.maxSeqLength`,
+`packing`, `evalSteps`, `output.merge`, `baseModel.loadIn4bit`); the image-only fields
+(`dataset.captions`, `training.resolution`, `lora.trainTextEncoder`...) belong to text-to-image.
+A field of the other task is refused naming it when its value differs from the default: the API
+server fills defaults into every stored object, so "set" can only mean "not the default".
+`lora.targetModules` has no default in the CRD: unset, the trainer picks the task's (the UNet's
+attention for text-to-image, the architecture's attention projections for causal-lm).
 """
 
 from __future__ import annotations
@@ -28,7 +37,6 @@ from lora_trainer.config import (
     Resolution,
     S3Config,
     Seed,
-    Task,
     TrainConfig,
     format_validation_error,
 )
@@ -45,6 +53,9 @@ SCRATCH_DIR = "/scratch"
 CACHE_DIR = "/scratch/cache"
 WORK_DIR = "/scratch/work"
 GRACE_MARGIN_SECONDS = 5  # the trainer must commit its checkpoint this long before SIGKILL
+
+JobTask = Literal["text-to-image", "causal-lm"]
+CAUSAL_LM = "causal-lm"
 
 # Bounded sizes keep the CEL cost estimate of the immutability rules under the API server's budget.
 Uri = Annotated[str, Field(min_length=1, max_length=1024)]
@@ -73,8 +84,8 @@ class ModelSource(_Spec):
 
     uri: Uri = Field(
         description="Diffusers model folder (s3://bucket/prefix/), or one SD 1.x/2.x .safetensors checkpoint "
-        "(s3://bucket/models/v1-5-pruned.safetensors); file:// on a mounted volume. Pickle checkpoints "
-        "(.ckpt, .pt, .bin) are refused."
+        "(s3://bucket/models/v1-5-pruned.safetensors); for causal-lm a transformers causal-LM folder (config.json, "
+        "tokenizer, safetensors weights); file:// on a mounted volume. Pickle checkpoints (.ckpt, .pt, .bin) are refused."
     )
     config: Uri | None = Field(
         None,
@@ -86,17 +97,29 @@ class ModelSource(_Spec):
         description="Model family: auto reads it from model_index.json (or a single file's keys); sd (1.x/2.x) "
         "or sdxl insists on it, and a base model of another family fails the job (exit 78, not retried).",
     )
+    load_in_4bit: bool = Field(
+        False, alias="loadIn4bit", description="causal-lm: load the base model in 4 bits (QLoRA; needs bitsandbytes in the image and "
+        "spec.resources.gpus >= 1).",
+    )
 
 
 class DatasetSpec(_Spec):
-    """The captioned images to train on."""
+    """The captioned images (text-to-image) or the JSONL file (causal-lm) to train on."""
 
-    uri: Uri = Field(description="Folder of images: s3://bucket/prefix/ (or file:// on a mounted volume).")
+    uri: Uri = Field(
+        description="text-to-image: folder of images, s3://bucket/prefix/; causal-lm: one JSONL file, "
+        "s3://bucket/data/train.jsonl, each line {prompt, completion}, {messages} or {text} (file:// on a mounted volume)."
+    )
     captions: str | None = Field(
         None, max_length=1024, description="Captions CSV (file_name,text) relative to the dataset; default metadata.csv if present."
     )
     caption_extension: str = Field(
         ".txt", max_length=32, description="Sidecar caption file extension, used when there is no captions CSV."
+    )
+    eval_uri: Uri | None = Field(None, description="causal-lm: a held-out JSONL file for the eval loss.")
+    eval_fraction: float | None = Field(
+        None, gt=0, lt=1, description="causal-lm: hold out this fraction of the training lines (seeded) for the eval "
+        "loss, instead of evalUri.",
     )
 
 
@@ -106,12 +129,17 @@ class LoraSpec(_Spec):
     rank: Rank = 8
     alpha: Alpha | None = Field(None, description="LoRA alpha; the update is scaled by alpha/rank. Default: the rank.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
-    target_modules: list[ModuleName] = Field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+    target_modules: list[ModuleName] | None = Field(
+        None,
         min_length=1,
         max_length=64,
-        description="UNet modules that get LoRA adapters.",
-        json_schema_extra={"default": list(DEFAULT_TARGET_MODULES)},
+        description="Modules that get LoRA adapters; unset: the task's, " + ", ".join(DEFAULT_TARGET_MODULES)
+        + " in the UNet for text-to-image, the attention projections for causal-lm (q_proj, k_proj, v_proj, o_proj "
+        "in Llama).",
+    )
+    target_mlp: bool = Field(
+        False, description="causal-lm with targetModules unset: also the MLP projections (gate_proj, up_proj, "
+        "down_proj in Llama).",
     )
     train_text_encoder: bool = Field(False, description="Also train a LoRA on the CLIP text encoder.")
     text_encoder_target_modules: list[ModuleName] = Field(
@@ -189,6 +217,14 @@ class TrainingSpec(_Spec):
     max_grad_norm: float = Field(1.0, ge=0, le=1000, description="Gradient clipping norm; 0 disables clipping.")
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset-noise strength; 0 disables it.")
     seed: Seed = 42
+    max_seq_length: int | None = Field(
+        None, ge=8, le=1_048_576, description="causal-lm: tokens per sample; longer samples are truncated "
+        "(counted in one warning). Unset: the trainer's default.",
+    )
+    packing: bool = Field(False, description="causal-lm: pack several samples into each maxSeqLength sequence.")
+    eval_steps: TrainSteps | None = Field(
+        None, description="causal-lm: compute the eval loss every N steps (needs dataset.evalUri or evalFraction)."
+    )
 
 
 class CheckpointSpec(_Spec):
@@ -202,6 +238,7 @@ class OutputSpec(_Spec):
     """Where the LoRA, checkpoints, logs and progress.json go."""
 
     uri: Uri = Field(pattern=r"^s3://[^/]+(/.*)?$", description="Output folder: s3://bucket/prefix/.")
+    merge: bool = Field(False, description="causal-lm: also write the base model with the LoRA merged in (safetensors).")
 
 
 class StorageSpec(_Spec):
@@ -271,7 +308,9 @@ def _obj(model: type[BaseModel], description: str) -> Any:
 class JobSpec(_Spec):
     """spec of a LoRATrainingJob."""
 
-    task: Task = Field("text-to-image", description="What is trained; only text-to-image for now.")
+    task: JobTask = Field(
+        "text-to-image", description="What is trained: text-to-image (a diffusion LoRA) or causal-lm (an LLM LoRA)."
+    )
     base_model: ModelSource = Field(description="The base model to adapt: a diffusers folder or one .safetensors file.")
     dataset: DatasetSpec = Field(description="The captioned images to train on.")
     lora: LoraSpec = _obj(LoraSpec, "The LoRA adapter's shape.")
@@ -312,6 +351,8 @@ def parse_spec(data: Any) -> JobSpec:
         )
     _check_output_apart(spec)
     _check_training_options(spec)
+    if problem := task_field_problem(spec):
+        raise problem
     ce = spec.checkpoint.every_steps
     if ce is not None and t.max_train_steps is not None and ce > t.max_train_steps:
         raise SpecError(
@@ -375,6 +416,8 @@ def _check_output_apart(spec: JobSpec) -> None:
     inputs = [("spec.baseModel.uri", spec.base_model.uri), ("spec.dataset.uri", spec.dataset.uri)]
     if spec.base_model.config:
         inputs.append(("spec.baseModel.config", spec.base_model.config))
+    if spec.dataset.eval_uri:
+        inputs.append(("spec.dataset.evalUri", spec.dataset.eval_uri))
     for field, uri in inputs:
         how = overlap(spec.output.uri, uri)
         if how:
@@ -383,6 +426,58 @@ def _check_output_apart(spec: JobSpec) -> None:
                 f"{spec.output.uri!r} {how} {field} ({uri!r}); the output must be a folder of its own, "
                 f"apart from the inputs, e.g. s3://bucket/loras/<job>/",
             )
+
+
+# (block, field) of JobSpec read by one task only; the other task refuses them (see the docstring).
+IMAGE_ONLY_FIELDS: tuple[tuple[str, str], ...] = (
+    ("base_model", "config"), ("dataset", "captions"), ("dataset", "caption_extension"),
+    ("lora", "train_text_encoder"), ("lora", "text_encoder_target_modules"),
+    ("training", "text_encoder_learning_rate"), ("training", "resolution"), ("training", "center_crop"),
+    ("training", "random_flip"), ("training", "noise_offset"), ("training", "buckets"), ("training", "cache_latents"),
+    ("training", "cache_text_embeddings"),
+)
+CAUSAL_LM_ONLY_FIELDS: tuple[tuple[str, str], ...] = (
+    ("base_model", "load_in_4bit"), ("dataset", "eval_uri"), ("dataset", "eval_fraction"), ("lora", "target_mlp"),
+    ("training", "max_seq_length"), ("training", "packing"), ("training", "eval_steps"), ("output", "merge"),
+)
+
+
+def crd_path(block: str, name: str) -> str:
+    """`spec.<block>.<field>` in the CRD's camelCase (JobSpec's aliases)."""
+    block_field = JobSpec.model_fields[block]
+    part = block_field.annotation
+    assert isinstance(part, type) and issubclass(part, BaseModel), block
+    return f"spec.{block_field.alias}.{part.model_fields[name].alias}"
+
+
+def task_field_problem(spec: JobSpec) -> SpecError | None:
+    """The first field set (not its default) that the job's task does not read, or a task rule broken."""
+    own_task, foreign = (CAUSAL_LM, IMAGE_ONLY_FIELDS) if spec.task == CAUSAL_LM else ("text-to-image",
+                                                                                     CAUSAL_LM_ONLY_FIELDS)
+    other = "text-to-image" if own_task == CAUSAL_LM else CAUSAL_LM
+    for block, name in foreign:
+        part = getattr(spec, block)
+        value = getattr(part, name)
+        if value != type(part).model_fields[name].get_default(call_default_factory=True):
+            path = crd_path(block, name)
+            return SpecError(path, f"{path}: {value!r} applies to task {other} only; remove it (spec.task is {own_task})")
+    if spec.dataset.eval_uri and spec.dataset.eval_fraction is not None:
+        return SpecError("spec.dataset.evalFraction",
+                         "set either spec.dataset.evalUri or spec.dataset.evalFraction, not both")
+    if spec.base_model.load_in_4bit and spec.resources.gpus == 0:
+        return SpecError("spec.baseModel.loadIn4bit", "4-bit QLoRA runs on CUDA only; set spec.resources.gpus to 1 "
+                         "or more, or remove loadIn4bit")
+    if spec.output.merge and spec.base_model.load_in_4bit:
+        return SpecError("spec.output.merge", "true with spec.baseModel.loadIn4bit: a 4-bit base cannot be merged "
+                         "exactly; train with loadIn4bit and merge in 16 bits afterwards, or set merge: false")
+    if spec.lora.target_mlp and spec.lora.target_modules:
+        return SpecError("spec.lora.targetMlp", "true with spec.lora.targetModules set: list the MLP modules in "
+                         "targetModules (e.g. gate_proj, up_proj, down_proj), or remove targetModules")
+    family = spec.base_model.family
+    if family != "auto" and (family == CAUSAL_LM) != (spec.task == CAUSAL_LM):
+        return SpecError("spec.baseModel.family", f"{family} does not train task {spec.task}; use family auto, or "
+                         + ("causal-lm" if spec.task == CAUSAL_LM else "an image family such as sd or sdxl"))
+    return None
 
 
 # TrainConfig field -> CRD path, to name fields in the user's words when the trainer's model objects.
@@ -427,39 +522,68 @@ CONFIG_PATHS: dict[str, str] = {
     "seed": "spec.training.seed",
     "save_steps": "spec.checkpoint.everySteps",
     "keep_last": "spec.checkpoint.keepLast",
+    "train_file": "spec.dataset.uri",
+    "eval_file": "spec.dataset.evalUri",
+    "eval_fraction": "spec.dataset.evalFraction",
+    "max_seq_length": "spec.training.maxSeqLength",
+    "packing": "spec.training.packing",
+    "eval_steps": "spec.training.evalSteps",
+    "merge": "spec.output.merge",
+    "load_in_4bit": "spec.baseModel.loadIn4bit",
+    "lora_target_mlp": "spec.lora.targetMlp",
     "s3": "spec.storage",
     "preemption_grace_seconds": "spec.spot.terminationGracePeriodSeconds",
     "storage_retry_seconds": "spec.storage.retrySeconds",
 }
 
 
-def to_train_config(spec: JobSpec) -> TrainConfig:
-    """The trainer config a pod of this job runs with (pure); SpecError names the CRD field."""
+def task_config_data(spec: JobSpec) -> dict[str, Any]:
+    """The trainer keys only this job's task reads (pure); unset optional ones are left to the trainer."""
+    t, lora, ds = spec.training, spec.lora, spec.dataset
+    if spec.task == CAUSAL_LM:
+        optional = {"eval_file": ds.eval_uri, "eval_fraction": ds.eval_fraction, "max_seq_length": t.max_seq_length,
+                    "eval_steps": t.eval_steps}
+        return {"train_file": ds.uri, "packing": t.packing, "merge": spec.output.merge,
+                "load_in_4bit": spec.base_model.load_in_4bit, "lora_target_mlp": lora.target_mlp,
+                **{k: v for k, v in optional.items() if v is not None}}
+    return {
+        "base_model_config": spec.base_model.config,
+        "train_data_dir": ds.uri,
+        "metadata_path": ds.captions,
+        "caption_extension": ds.caption_extension,
+        "resolution": t.resolution,
+        "center_crop": t.center_crop,
+        "random_flip": t.random_flip,
+        "train_text_encoder": lora.train_text_encoder,
+        "text_encoder_target_modules": list(lora.text_encoder_target_modules),
+        "text_encoder_lr": t.text_encoder_learning_rate,
+        "noise_offset": t.noise_offset,
+        "enable_bucket": t.buckets.enabled,
+        "min_bucket_reso": t.buckets.min_resolution,
+        "max_bucket_reso": t.buckets.max_resolution,
+        "bucket_reso_steps": t.buckets.step,
+        "cache_latents": t.cache_latents,
+        "cache_text_embeddings": t.cache_text_embeddings,
+    }
+
+
+def train_config_data(spec: JobSpec) -> dict[str, Any]:
+    """The trainer config of this job as plain data (pure), before the trainer's model checks it."""
     t, lora = spec.training, spec.lora
     data: dict[str, Any] = {
         "task": spec.task,
         "base_model": spec.base_model.uri,
-        "base_model_config": spec.base_model.config,
         "model_family": spec.base_model.family,
-        "train_data_dir": spec.dataset.uri,
-        "metadata_path": spec.dataset.captions,
-        "caption_extension": spec.dataset.caption_extension,
         "output_dir": spec.output.uri,
-        "resolution": t.resolution,
-        "center_crop": t.center_crop,
-        "random_flip": t.random_flip,
         "lora_rank": lora.rank,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
-        "target_modules": list(lora.target_modules),
-        "train_text_encoder": lora.train_text_encoder,
-        "text_encoder_target_modules": list(lora.text_encoder_target_modules),
+        **task_config_data(spec),
         "batch_size": t.batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "epochs": t.epochs,
         "max_train_steps": t.max_train_steps,
         "learning_rate": t.learning_rate,
-        "text_encoder_lr": t.text_encoder_learning_rate,
         "lr_scheduler": t.lr_scheduler,
         "lr_warmup_steps": t.warmup_steps,
         "lr_num_cycles": t.lr_num_cycles,
@@ -467,13 +591,6 @@ def to_train_config(spec: JobSpec) -> TrainConfig:
         "mixed_precision": t.mixed_precision,
         "gradient_checkpointing": t.gradient_checkpointing,
         "optimizer": t.optimizer,
-        "enable_bucket": t.buckets.enabled,
-        "min_bucket_reso": t.buckets.min_resolution,
-        "max_bucket_reso": t.buckets.max_resolution,
-        "bucket_reso_steps": t.buckets.step,
-        "cache_latents": t.cache_latents,
-        "cache_text_embeddings": t.cache_text_embeddings,
-        "noise_offset": t.noise_offset,
         "seed": t.seed,
         "save_steps": spec.checkpoint.every_steps,
         "keep_last": spec.checkpoint.keep_last,
@@ -484,8 +601,15 @@ def to_train_config(spec: JobSpec) -> TrainConfig:
         "preemption_grace_seconds": float(spec.spot.termination_grace_period_seconds - GRACE_MARGIN_SECONDS),
         "storage_retry_seconds": float(spec.storage.retry_seconds),
     }
+    if lora.target_modules is not None:
+        data["target_modules"] = list(lora.target_modules)
+    return data
+
+
+def to_train_config(spec: JobSpec) -> TrainConfig:
+    """The trainer config a pod of this job runs with (pure); SpecError names the CRD field."""
     try:
-        return TrainConfig.model_validate(data)
+        return TrainConfig.model_validate(train_config_data(spec))
     except ValidationError as exc:
         err = exc.errors()[0]
         name = str(err["loc"][0]) if err["loc"] else ""

@@ -4,7 +4,10 @@ Behaviours tested:
 - the design's example spec parses and maps field by field onto TrainConfig;
 - defaults fill what is omitted (alpha = rank in the trainer, text-to-image, 50 preemptions);
 - errors name the CRD path (`spec.training.learningRate`), the value and the fix;
-- semantic checks a schema cannot express (warm-up longer than training) are caught.
+- semantic checks a schema cannot express (warm-up longer than training) are caught;
+- task causal-lm: dataset.uri becomes the trainer's train_file, the LLM knobs map onto their trainer
+  keys (unset ones left to the trainer), no image key is sent; a field of the other task with a
+  value other than its default is refused naming its CRD path, in both directions.
 """
 
 from __future__ import annotations
@@ -13,7 +16,15 @@ import copy
 
 import pytest
 
-from lora_operator.spec import SpecError, parse_spec, to_train_config
+from lora_operator.spec import (
+    CAUSAL_LM_ONLY_FIELDS,
+    IMAGE_ONLY_FIELDS,
+    SpecError,
+    crd_path,
+    parse_spec,
+    to_train_config,
+    train_config_data,
+)
 from tests.unit.builders import MINIMAL_SPEC
 
 DESIGN_SPEC = {
@@ -206,3 +217,133 @@ def test_bucket_bounds_are_the_trainers(name: str) -> None:
     crd = {"min_bucket_reso": "min_resolution", "max_bucket_reso": "max_resolution", "bucket_reso_steps": "step"}[name]
     ours, theirs = BucketSpec.model_fields[crd], TrainConfig.model_fields[name]
     assert (ours.default, ours.metadata) == (theirs.default, theirs.metadata)
+
+
+# ---- task: causal-lm -------------------------------------------------------------------------------
+
+LLM_SPEC = {
+    "task": "causal-lm",
+    "baseModel": {"uri": "s3://models/llama/"},
+    "dataset": {"uri": "s3://datasets/legal/train.jsonl"},
+    "training": {"maxTrainSteps": 100},
+    "output": {"uri": "s3://loras/legal/"},
+    "storage": {"endpoint": "http://minio:9000", "credentialsSecret": "s3-creds"},
+}
+IMAGE_KEYS = {"train_data_dir", "metadata_path", "caption_extension", "base_model_config", "resolution", "center_crop",
+              "random_flip", "train_text_encoder", "text_encoder_target_modules", "text_encoder_lr", "noise_offset",
+              "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "cache_latents",
+              "cache_text_embeddings"}
+LLM_KEYS = {"train_file", "eval_file", "eval_fraction", "max_seq_length", "packing", "eval_steps", "merge",
+            "load_in_4bit", "lora_target_mlp"}
+
+
+def with_fields(spec: dict, **blocks: dict) -> dict:
+    """`spec` with keys merged into its blocks (`training={"packing": True}`)."""
+    out = copy.deepcopy(spec)
+    for block, fields in blocks.items():
+        out[block] = {**out.get(block, {}), **fields}
+    return out
+
+
+@pytest.mark.parametrize(
+    ("blocks", "expected"),
+    [
+        ({}, {"task": "causal-lm", "train_file": "s3://datasets/legal/train.jsonl", "packing": False, "merge": False,
+              "load_in_4bit": False, "lora_target_mlp": False}),
+        ({"lora": {"targetMlp": True}}, {"lora_target_mlp": True}),
+        ({"dataset": {"evalUri": "s3://datasets/legal/eval.jsonl"}}, {"eval_file": "s3://datasets/legal/eval.jsonl"}),
+        ({"dataset": {"evalFraction": 0.1}, "training": {"evalSteps": 20}}, {"eval_fraction": 0.1, "eval_steps": 20}),
+        ({"training": {"maxSeqLength": 512, "packing": True}}, {"max_seq_length": 512, "packing": True}),
+        ({"output": {"merge": True}}, {"merge": True}),
+        ({"baseModel": {"loadIn4bit": True}, "resources": {"gpus": 1}}, {"load_in_4bit": True, "device": "cuda"}),
+        ({"lora": {"targetModules": ["q_proj", "v_proj"]}}, {"target_modules": ["q_proj", "v_proj"]}),
+        ({"training": {"maxTrainSteps": 7, "batchSize": 2, "seed": 3}},
+         {"max_train_steps": 7, "batch_size": 2, "seed": 3}),
+    ],
+)
+def test_causal_lm_maps_onto_trainer_keys(blocks: dict, expected: dict) -> None:
+    data = train_config_data(parse_spec(with_fields(LLM_SPEC, **blocks)))
+    assert {k: data[k] for k in expected} == expected
+    assert not IMAGE_KEYS & data.keys()  # the image family's keys (and their defaults) stay out
+
+
+def test_causal_lm_leaves_unset_knobs_to_the_trainer() -> None:
+    data = train_config_data(parse_spec(LLM_SPEC))
+    for key in ("eval_file", "eval_fraction", "max_seq_length", "eval_steps", "target_modules"):
+        assert key not in data, key
+
+
+def test_text_to_image_sends_no_llm_keys() -> None:
+    data = train_config_data(parse_spec(MINIMAL_SPEC))
+    assert data["train_data_dir"] == "s3://datasets/portraits/" and not LLM_KEYS & data.keys()
+    assert "target_modules" not in data  # unset: the trainer's default (the UNet's attention)
+    assert to_train_config(parse_spec(MINIMAL_SPEC)).target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+# A value other than the default for every field one task reads only.
+IMAGE_ONLY_VALUES = {
+    ("base_model", "config"): "s3://models/configs/", ("dataset", "captions"): "metadata.csv",
+    ("dataset", "caption_extension"): ".caption", ("lora", "train_text_encoder"): True,
+    ("lora", "text_encoder_target_modules"): ["q_proj"], ("training", "text_encoder_learning_rate"): 1e-5,
+    ("training", "resolution"): 512, ("training", "center_crop"): False, ("training", "random_flip"): True,
+    ("training", "noise_offset"): 0.1, ("training", "buckets"): {"enabled": True},
+    ("training", "cache_latents"): True, ("training", "cache_text_embeddings"): True,
+}
+LLM_ONLY_VALUES = {
+    ("base_model", "load_in_4bit"): True, ("dataset", "eval_uri"): "s3://datasets/eval.jsonl",
+    ("dataset", "eval_fraction"): 0.1, ("training", "max_seq_length"): 256, ("training", "packing"): True,
+    ("training", "eval_steps"): 10, ("output", "merge"): True, ("lora", "target_mlp"): True,
+}
+
+
+def test_every_task_only_field_has_a_row() -> None:
+    assert set(IMAGE_ONLY_VALUES) == set(IMAGE_ONLY_FIELDS)
+    assert set(LLM_ONLY_VALUES) == set(CAUSAL_LM_ONLY_FIELDS)
+
+
+@pytest.mark.parametrize(("base", "task", "other", "values"), [
+    (LLM_SPEC, "causal-lm", "text-to-image", IMAGE_ONLY_VALUES),
+    ({**MINIMAL_SPEC, "resources": {"gpus": 1}}, "text-to-image", "causal-lm", LLM_ONLY_VALUES),
+], ids=["image-field-in-llm-job", "llm-field-in-image-job"])
+def test_a_field_of_the_other_task_is_refused_by_name(base: dict, task: str, other: str, values: dict) -> None:
+    for (block, name), value in values.items():
+        path = crd_path(block, name)
+        leaf = path.rsplit(".", 1)[1]
+        with pytest.raises(SpecError) as info:
+            parse_spec(with_fields(base, **{path.split(".")[1]: {leaf: value}}))
+        assert info.value.field == path, path
+        assert f"applies to task {other} only" in str(info.value) and f"spec.task is {task}" in str(info.value)
+
+
+def test_default_values_of_the_other_task_are_fine() -> None:
+    """The API server writes every default into stored objects: those must not count as set."""
+    image_defaults = {"dataset": {"captionExtension": ".txt"}, "lora": {"trainTextEncoder": False},
+                      "training": {"centerCrop": True, "randomFlip": False, "noiseOffset": 0.0, "cacheLatents": False,
+                                   "buckets": {"enabled": False, "minResolution": 256, "maxResolution": 1024,
+                                               "step": 64}}}
+    assert parse_spec(with_fields(LLM_SPEC, **image_defaults)).task == "causal-lm"
+    llm_defaults = {"training": {"packing": False}, "output": {"merge": False}, "baseModel": {"loadIn4bit": False},
+                    "lora": {"targetMlp": False}}
+    assert parse_spec(with_fields(MINIMAL_SPEC, **llm_defaults)).task == "text-to-image"
+
+
+@pytest.mark.parametrize(("blocks", "field", "words"), [
+    ({"dataset": {"evalUri": "s3://d/eval.jsonl", "evalFraction": 0.1}}, "spec.dataset.evalFraction", "not both"),
+    ({"baseModel": {"loadIn4bit": True}, "resources": {"gpus": 0}}, "spec.baseModel.loadIn4bit", "resources.gpus"),
+    ({"dataset": {"evalFraction": 1.0}}, "spec.dataset.evalFraction", "less than 1"),
+    ({"training": {"maxSeqLength": 4}}, "spec.training.maxSeqLength", "greater than or equal to 8"),
+    ({"output": {"uri": "s3://datasets/legal/train.jsonl"}}, "spec.output.uri", "equals spec.dataset.uri"),
+    ({"dataset": {"evalUri": "s3://loras/legal/eval.jsonl"}}, "spec.output.uri", "contains spec.dataset.evalUri"),
+    ({"task": None}, "spec.task", "causal-lm"),
+    ({"output": {"merge": True}, "baseModel": {"loadIn4bit": True}, "resources": {"gpus": 1}}, "spec.output.merge",
+     "merge in 16 bits"),
+    ({"lora": {"targetMlp": True, "targetModules": ["q_proj"]}}, "spec.lora.targetMlp", "gate_proj"),
+    ({"baseModel": {"family": "sdxl"}}, "spec.baseModel.family", "use family auto, or causal-lm"),
+])
+def test_causal_lm_errors_name_the_field(blocks: dict, field: str, words: str) -> None:
+    spec = with_fields(LLM_SPEC, **{k: v for k, v in blocks.items() if k != "task"})
+    if "task" in blocks:
+        spec["task"] = "text-generation"
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec)
+    assert info.value.field == field and words in str(info.value), str(info.value)

@@ -70,7 +70,7 @@ def row(path: str) -> tuple[str, ...]:
     ("spec.training", "`object`", "`{}`", "immutable"),
     ("spec.suspend", "`boolean`", "`false`", ""),
     ("spec.resources.nodeSelector", "`map[string]string`", "", "entries ≤ 64"),
-    ("spec.lora.targetModules", "`[]string`", '`["to_q", "to_k", "to_v", "to_out.0"]`', "items ≥ 1; items ≤ 64"),
+    ("spec.lora.targetModules", "`[]string`", "", "items ≥ 1; items ≤ 64"),
     ("spec.resources.tolerations[].effect", "`string`", '`""`', "one of `\"\"`, `NoSchedule`"),
     ("status.progress.percent", "`number`", "`0`", "≥ 0; ≤ 100"),
 ])
