@@ -125,15 +125,10 @@ def bounded_s3(s3: S3Config, retry_seconds: float) -> S3Config:
 class TrainConfig(_Model):
     """Everything one LoRA training run needs; `lora-train --config` reads it from YAML."""
 
-    task: Task = Field(
-        "text-to-image",
-        description="What is trained: text-to-image (a diffusers model, images) or causal-lm (a transformers "
-        "causal LM, JSONL text).",
-    )
+    task: Task = Field("text-to-image", description="What is trained; only text-to-image for now.")
     base_model: str = Field(
         ..., min_length=1,
-        description="Diffusers model folder, or one .safetensors checkpoint (text-to-image); a transformers "
-        "causal-LM folder (causal-lm): local path, file://, or s3://.",
+        description="Diffusers model folder, or one .safetensors checkpoint: local path, file://, or s3://.",
     )
     base_model_config: str | None = Field(
         None, min_length=1,
@@ -144,26 +139,8 @@ class TrainConfig(_Model):
         description="Model family of base_model: auto reads it from model_index.json (or a single file's keys); "
         "sd (1.x/2.x) or sdxl insists on it, and a base model of another family stops the run (exit 78).",
     )
-    train_data_dir: str | None = Field(
-        None, min_length=1,
-        description="Folder of images with captions: local path, file://, or s3:// (text-to-image).",
-    )
-    train_file: str | None = Field(
-        None, min_length=1,
-        description="JSONL of prompt/completion, messages or text records: local path, file://, or s3:// (causal-lm).",
-    )
-    eval_file: str | None = Field(None, min_length=1, description="Held-out JSONL for eval loss (causal-lm).")
-    eval_fraction: float | None = Field(
-        None, gt=0, lt=1, description="Share of train_file held out for eval loss, drawn with the seed (causal-lm).",
-    )
-    eval_steps: Steps | None = Field(
-        None, description="Eval loss on the held-out split every N steps (and at the last step); unset: last step only.",
-    )
-    max_seq_length: int = Field(
-        1024, ge=8, le=1_048_576, description="Tokens per sequence; longer samples are truncated (causal-lm).",
-    )
-    packing: bool = Field(
-        False, description="Concatenate samples and cut them into max_seq_length blocks (causal-lm).",
+    train_data_dir: str = Field(
+        ..., min_length=1, description="Folder of images with captions: local path, file://, or s3://."
     )
     metadata_path: str | None = Field(
         None,
@@ -198,15 +175,7 @@ class TrainConfig(_Model):
     target_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
         min_length=1,
-        description="Modules that get LoRA adapters; unset: the family's (to_q, to_k, to_v, to_out.0 in the UNet; "
-        "the attention projections of a causal LM, e.g. q_proj, k_proj, v_proj, o_proj in Llama).",
-    )
-    lora_target_mlp: bool = Field(
-        False, description="causal-lm with target_modules unset: also the MLP projections (gate/up/down in Llama).",
-    )
-    merge: bool = Field(False, description="causal-lm: also write the base model with the LoRA merged in (merged/).")
-    load_in_4bit: bool = Field(
-        False, description="causal-lm: QLoRA, the frozen base in 4-bit NF4 (needs CUDA and bitsandbytes, else exit 78).",
+        description="UNet modules that get LoRA adapters.",
     )
     train_text_encoder: bool = Field(False, description="Also train a LoRA on the CLIP text encoder.")
     text_encoder_target_modules: list[str] = Field(
@@ -267,7 +236,7 @@ class TrainConfig(_Model):
         False, description="Resume even if training-defining fields changed since the checkpoint (dangerous)."
     )
 
-    @field_validator("base_model", "base_model_config", "train_data_dir", "train_file", "eval_file", "output_dir")
+    @field_validator("base_model", "base_model_config", "train_data_dir", "output_dir")
     @classmethod
     def _clean_uri(cls, value: str | None) -> str | None:
         if value is None:
@@ -313,13 +282,9 @@ class TrainConfig(_Model):
 
 def place_problems(config: TrainConfig, resolve: bool = False) -> list[str]:
     """Overlaps of output_dir with an input and of work_dir with the output or an input.
-        if problem := task_problem(self):
-            raise ValueError(problem)
 
     Lexical unless `resolve` (then symlinks count too: the trainer checks again at start)."""
-    inputs = [(name, value) for name in ("train_data_dir", "train_file", "eval_file")
-              if (value := getattr(config, name))]
-    inputs.append(("base_model", config.base_model))
+    inputs = [("train_data_dir", config.train_data_dir), ("base_model", config.base_model)]
     if config.base_model_config:
         inputs.append(("base_model_config", config.base_model_config))
     pairs = [("output_dir", config.output_dir, name, value) for name, value in inputs]
@@ -333,32 +298,6 @@ def place_problems(config: TrainConfig, resolve: bool = False) -> list[str]:
 TRAINING_FIELDS: tuple[str, ...] = (
     "task", "base_model", "base_model_config", "train_data_dir", "metadata_path", "caption_extension", "resolution",
     "center_crop", "random_flip", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
-def task_problem(config: TrainConfig) -> str | None:
-    """Why the data and task-only keys do not fit the task (pure), or None."""
-    if config.task == "text-to-image":
-        if not config.train_data_dir:
-            return "train_data_dir: required for task text-to-image; point it at a folder of captioned images"
-        extra = [n for n in TEXT_ONLY_FIELDS if getattr(config, n) not in (None, False)]
-        if extra:
-            return f"{extra[0]}: only for task causal-lm; remove it or set task: causal-lm"
-        return None
-    if not config.train_file:
-        return "train_file: required for task causal-lm; point it at a JSONL file (local or s3://)"
-    if config.train_data_dir:
-        return "train_data_dir: only for task text-to-image; causal-lm reads train_file (a JSONL)"
-    if config.eval_file and config.eval_fraction:
-        return "eval_file and eval_fraction: set one of them, not both"
-    if config.lora_target_mlp and config.target_modules:
-        return "lora_target_mlp: only with target_modules unset; list the MLP modules in target_modules instead"
-    if config.merge and config.load_in_4bit:
-        return "merge: not with load_in_4bit (the base is quantized); train with load_in_4bit, then merge in 16-bit"
-    return None
-
-
-TEXT_ONLY_FIELDS = ("train_file", "eval_file", "eval_fraction", "eval_steps", "packing", "lora_target_mlp",
-                    "merge", "load_in_4bit")
-
-
     "train_text_encoder", "text_encoder_target_modules", "batch_size", "gradient_accumulation_steps",
     "epochs", "max_train_steps", "learning_rate", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps",
     "lr_num_cycles", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
@@ -384,7 +323,6 @@ def training_fields(config: TrainConfig, base_model_sha256: str | None = None) -
     fields = {name: data[name] for name in TRAINING_FIELDS}
     if base_model_sha256:
         fields[BASE_MODEL_SHA256] = base_model_sha256
-    "train_file", "eval_fraction", "max_seq_length", "packing", "lora_target_mlp", "load_in_4bit",
     return fields
 
 
@@ -404,7 +342,7 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             continue
         if name == BASE_MODEL_SHA256:
             was, now = (str(d.get(name) or "none")[:12] for d in (old, new))
-            name = f"{name.removesuffix('_sha256')} (file content, sha256 {was}... -> {now}...)"
+            name = f"base_model (file content, sha256 {was}... -> {now}...)"
         out.append(name)
     return sorted(set(out))
 
@@ -436,8 +374,8 @@ def resolve_local_paths(
             raise ConfigError(problem)
         if path is not None and str(path) != value:
             update[name] = str(path)
-    data_dir = update.get("train_data_dir", config.train_data_dir) or ""
-    if config.metadata_path and data_dir and not data_dir.startswith("s3://"):
+    data_dir = update.get("train_data_dir", config.train_data_dir)
+    if config.metadata_path and not data_dir.startswith("s3://"):
         data_anchor = choose_local("train_data_dir", data_dir, anchors, **check)[0]
         csv_anchors = [anchors[0], ("train_data_dir", data_anchor)] if data_anchor else anchors[:1]
         path, problem = choose_local("metadata_path", config.metadata_path, csv_anchors, **check)

@@ -55,7 +55,6 @@ class Progress(_Wire):
     state: str = "running"  # running | checkpointing | finished | preempted | failed
     latest_checkpoint_step: int | None = None
     updated: str = Field(default_factory=utcnow)
-    tokens_per_second: float | None = None  # text tasks: tokens trained per second this attempt
 
 
 class TerminationMessage(_Wire):

@@ -18,16 +18,15 @@ folder's `model_index.json` `_class_name`, or a single file's key layout (single
 family; `model_family` (default auto) insists on one. An unknown or mismatched pipeline is a
 ConfigError (exit 78) naming what was found. Family modules load lazily on first use.
 Settings a config leaves unset that depend on the family (`resolution`: 512 for SD, 1024 for SDXL)
-come from its FamilyInfo (`with_family_defaults`). A transformers folder (config.json whose
-architectures name a causal LM) is the causal-lm family; a family must match the config's `task`.
+come from its FamilyInfo (`with_family_defaults`).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -40,8 +39,6 @@ if TYPE_CHECKING:
     from lora_trainer.cache import EncodeCache
     from lora_trainer.config import TrainConfig
     from lora_trainer.data import ImageBatch
-from lora_trainer import contract
-from lora_trainer.architectures import default_targets, is_causal_lm, read_lm_config
 
 AUTO = "auto"
 MODEL_INDEX = "model_index.json"
@@ -98,10 +95,6 @@ KNOWN_KINDS = {"sd3": "Stable Diffusion 3", "flux": "Flux"}
 
 
 def _supported(registry: Mapping[str, FamilyInfo]) -> str:
-    task: str = "text-to-image"      # the config `task` it trains
-    data: str = "images"             # its training data's source (lora_trainer.dataset.SOURCES)
-    # target_modules when the config leaves them unset: (model_type, lora_target_mlp) -> modules
-    targets: Callable[[str | None, bool], list[str]] = field(default=lambda _type, _mlp: unet_targets())
     return ", ".join(f"{p} ({i.name})" for i in registry.values() for p in i.pipelines)
 
 
@@ -137,13 +130,7 @@ def family_for_checkpoint(
     for info in registry.values():
         if kind in info.checkpoint_kinds:
             return _check_override(info, override, f"{shorten(uri)} is a {info.title} checkpoint", registry)
-    titles = " and ".join(i.title for i in registry.values() if i.checkpoint_kinds)
-    if kind in registry:  # a family that trains from diffusers folders only
-        info = registry[kind]
-        raise ConfigError(
-            f"base_model: {shorten(uri)} is a single-file {info.title} checkpoint; {info.title} trains from a "
-            f"diffusers folder only; point base_model at one (saved with {info.pipelines[0]}.save_pretrained())"
-        )
+    titles = " and ".join(i.title for i in registry.values())
     if kind is None:
         raise InputMissing(
             f"base_model: {shorten(uri)} is not a checkpoint of a known family (no model.diffusion_model.* UNet "
@@ -172,67 +159,20 @@ def read_pipeline_class(model_dir: Path) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def family_for_architectures(
-    architectures: tuple[str, ...], override: str, where: str, registry: Mapping[str, FamilyInfo] = REGISTRY
-) -> FamilyInfo:
-    """The family of a transformers folder whose config.json names `architectures` (pure)."""
-    found = next((i for i in registry.values() if i.task == "causal-lm"), None)
-    if found is None or not is_causal_lm(architectures):
-        shown = ", ".join(architectures) or "no architectures"
-        raise ConfigError(
-            f"base_model: {shorten(where)} is a transformers model ({shown} in config.json), not a causal LM "
-            "(…ForCausalLM); point base_model at a causal language model or a diffusers folder"
-        )
-    return _check_override(found, override, f"{shorten(where)} is a {architectures[0]}", registry)
+def detect(model_dir: Path, override: str = AUTO) -> FamilyInfo:
+    """The family of a local diffusers folder (model_index.json), checked against `override`."""
+    return family_for_pipeline(read_pipeline_class(model_dir), override, str(model_dir))
 
 
-def check_task(info: FamilyInfo, task: str, where: str) -> FamilyInfo:
-    """`info` when it trains `task`; else a ConfigError naming both and the fix (pure)."""
-    if info.task == task:
-        return info
-    raise ConfigError(
-        f"task: {task!r} but base_model {shorten(where)} is a {info.title} ({info.task}); "
-        f"set task: {info.task}, or point base_model at a model for {task}"
-    )
-
-
-def detect(model_dir: Path, override: str = AUTO, task: str | None = None) -> FamilyInfo:
-    """The family of a local diffusers folder (model_index.json) or transformers causal-LM folder
-    (config.json), checked against `override` and, when given, the config's `task`."""
-    if not (model_dir / MODEL_INDEX).is_file() and (lm := read_lm_config(model_dir)) is not None:
-        info = family_for_architectures(lm.architectures, override, str(model_dir))
-    else:
-        info = family_for_pipeline(read_pipeline_class(model_dir), override, str(model_dir))
-    return check_task(info, task, str(model_dir)) if task else info
-
-
-def with_family_defaults(config: TrainConfig, info: FamilyInfo, model_type: str | None = None) -> TrainConfig:
-    """The config with the settings it leaves to the family filled in (pure): `resolution`, and
-    `target_modules` (per architecture: `model_type` from a transformers config.json).
+def with_family_defaults(config: TrainConfig, info: FamilyInfo) -> TrainConfig:
+    """The config with the settings it leaves to the family filled in (pure): `resolution`.
 
     The run hashes, checks and backs up this config, so they record the values used."""
     if config.resolution is None:
-        update["resolution"] = info.default_resolution
-    if config.target_modules is None:
-        update["target_modules"] = info.targets(model_type, config.lora_target_mlp)
-    return config.model_copy(update=update) if update else config
-
-
-def intermediate_files(family: Family, parts: Any, config: TrainConfig, folder: Path, step: int
-                       ) -> list[tuple[Path, str]]:
-    """The LoRA users can try from `step`, as (local path, name in the output): the family's
-    `save_intermediate` when it has one, else its `save_lora` file at the contract's name."""
-    own = getattr(family, "save_intermediate", None)
-    if own is not None:
-        return own(parts, config, folder, step)
-    name = contract.intermediate_weights_name(step)
-    path = folder / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    family.save_lora(parts, config, path)
-    return [(path, name)]
+        return config.model_copy(update={"resolution": info.default_resolution})
+    return config
 
 
 def load_family(info: FamilyInfo) -> Family:
     """The family's implementation (its module's `FAMILY`)."""
     return importlib.import_module(info.module).FAMILY
-    update: dict[str, Any] = {}
