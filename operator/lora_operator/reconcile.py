@@ -115,8 +115,8 @@ class _Run:
     def event(self, type_: str, reason: str, message: str) -> None:
         self.d.events.append(Event(type_, st.clean_reason(reason), st.clean_message(message, st.MAX_REJECTED_MESSAGE)))
 
-    def set_phase(self, phase_: str, reason: str, message: str) -> None:
-        if self.s.get("phase") != phase_:
+    def set_phase(self, phase_: str, reason: str, message: str, announce: bool = True) -> None:
+        if self.s.get("phase") != phase_ and announce:
             # The message often names the reason already ("attempt 1: OOMKilled: ..."): say it once.
             text = message if reason in message else f"{reason}: {message}"
             self.event("Warning" if phase_ == "Failed" else "Normal", phase_, text)
@@ -320,8 +320,8 @@ class _Run:
         self.s.pop("nextAttemptTime", None)
         self.s.setdefault("startTime", st.rfc3339(self.now))
         self.event("Normal", Reason.STARTING, f"created pod {pod_name(self.name, attempt)} (attempt {attempt})")
-        if attempt == 1:
-            self.set_phase("Pending", Reason.WAITING, "waiting for the trainer pod to start")
+        if attempt == 1:  # the AttemptStarted event says it: one Event per new job, not two (API writes at scale)
+            self.set_phase("Pending", Reason.WAITING, "waiting for the trainer pod to start", announce=False)
         else:
             self.set_phase("Recovering", self.s.get("reason") or Reason.WAITING,
                            f"attempt {attempt} started; it resumes from the latest checkpoint")

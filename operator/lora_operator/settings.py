@@ -24,6 +24,7 @@ import hashlib
 import os
 import socket
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, field_validator
@@ -110,7 +111,14 @@ class Settings(BaseSettings):
 
 def endpoint_refusal(storage: StorageSpec, settings: Settings) -> str | None:
     """Why a job's spec.storage may not be used under these settings (None: it may); pure."""
-    return endpoints.endpoint_refusal(storage.endpoint, storage.region, settings.allowed_endpoints, settings.api_servers)
+    return _endpoint_refusal(storage.endpoint, storage.region, tuple(settings.allowed_endpoints),
+                             tuple(settings.api_servers))
+
+
+@lru_cache(maxsize=1024)  # every pass of every job asks again; the answer changes only with the spec
+def _endpoint_refusal(endpoint: str | None, region: str | None, allowed: tuple[str, ...],
+                      api_servers: tuple[str, ...]) -> str | None:
+    return endpoints.endpoint_refusal(endpoint, region, allowed, api_servers)
 
 
 def priority_from_name(name: str) -> int:

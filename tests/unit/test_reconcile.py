@@ -66,7 +66,7 @@ def test_new_job_creates_first_pod() -> None:
     assert (s["phase"], s["attempt"], s["preemptions"], s["failures"], s["observedGeneration"]) == ("Pending", 1, 0, 0, 1)
     assert s["startTime"] == ts(0) and s["outputs"]["weights"] == "s3://loras/job/pytorch_lora_weights.safetensors"
     assert cond(d, "Reconciling")["status"] == "True" and cond(d, "Ready")["status"] == "False"
-    assert [e.reason for e in d.events] == ["AttemptStarted", "Pending"]  # the attempt, then the phase
+    assert [e.reason for e in d.events] == ["AttemptStarted"]  # it implies Pending: one Event per new job, not two
 
 
 def test_running_pod() -> None:
