@@ -96,8 +96,8 @@ class ModelSource(_Spec):
     )
     family: ModelFamily = Field(
         "auto",
-        description="Model family: auto reads it from model_index.json (or a single file's keys); sd (1.x/2.x) "
-        "or sdxl insists on it, and a base model of another family fails the job (exit 78, not retried).",
+        description="Model family: auto reads it from model_index.json (or a single file's keys); a family "
+        "name insists on it, and a base model of another family fails the job (exit 78, not retried).",
     )
     load_in_4bit: bool = Field(
         False, alias="loadIn4bit", description="causal-lm: load the base model in 4 bits (QLoRA; needs bitsandbytes in the image and "

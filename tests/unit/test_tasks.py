@@ -22,11 +22,15 @@ from lora_trainer.tasks import REGISTRY, detect, family_for_checkpoint, family_f
         ("StableDiffusionPipeline", "sd", "sd", None),
         ("StableDiffusionXLPipeline", "auto", "sdxl", None),
         ("StableDiffusionXLPipeline", "sdxl", "sdxl", None),
-        ("FluxPipeline", "auto", None, "is a FluxPipeline (model_index.json _class_name)"),
+        ("FluxPipeline", "auto", "flux", None),
+        ("FluxPipeline", "flux", "flux", None),
+        ("FluxPipeline", "sdxl", None, "model_family: 'sdxl' but base_model ./m is a FluxPipeline"),
+        ("StableDiffusion3Pipeline", "auto", None, "is a StableDiffusion3Pipeline (model_index.json _class_name)"),
         (None, "auto", None, "is a pipeline with no _class_name"),
         ("StableDiffusionXLPipeline", "sd", None, "model_family: 'sd' but base_model ./m is a StableDiffusionXLPipeline"),
         ("StableDiffusionPipeline", "sdxl", None, "model_family: 'sdxl' but base_model ./m is a StableDiffusionPipeline"),
-        ("StableDiffusionPipeline", "flux", None, "model_family: 'flux' is not a family"),
+        ("StableDiffusionPipeline", "flux", None, "model_family: 'flux' but base_model ./m is a StableDiffusionPipeline"),
+        ("StableDiffusionPipeline", "sd3", None, "model_family: 'sd3' is not a family"),
     ],
 )
 def test_family_for_pipeline(class_name: str | None, override: str, family: str | None, needle: str | None) -> None:
@@ -47,7 +51,7 @@ def test_family_for_pipeline(class_name: str | None, override: str, family: str 
         ("sd2", "sd", "sd", None, None),
         ("sdxl", "auto", "sdxl", None, None),
         ("sdxl", "sd", None, EXIT_CONFIG, "model_family: 'sd' but base_model ./x.safetensors is a SDXL checkpoint"),
-        ("flux", "auto", None, EXIT_CONFIG, "is a Flux checkpoint; that family is not supported yet"),
+        ("flux", "auto", None, EXIT_CONFIG, "is a single-file Flux checkpoint; Flux trains from a diffusers folder only"),
         ("sd3", "auto", None, EXIT_CONFIG, "is a Stable Diffusion 3 checkpoint"),
         (None, "auto", None, EXIT_NOINPUT, "is not a checkpoint of a known family"),
     ],
@@ -75,7 +79,7 @@ def test_config_values_are_the_registered_families() -> None:
 
 @pytest.mark.parametrize(
     ("family", "given", "used"),
-    [("sd", None, 512), ("sdxl", None, 1024), ("sd", 768, 768), ("sdxl", 64, 64)],
+    [("sd", None, 512), ("sdxl", None, 1024), ("flux", None, 1024), ("sd", 768, 768), ("sdxl", 64, 64)],
 )
 def test_unset_resolution_is_the_family_default(family: str, given: int | None, used: int) -> None:
     from lora_trainer.config import config_hash, dump_config, parse_config, training_fields

@@ -63,7 +63,7 @@ LrScheduler = Literal[
 MixedPrecision = Literal["no", "fp16", "bf16"]
 Optimizer = Literal["adamw", "adamw8bit"]  # adamw8bit: bitsandbytes' AdamW8bit, when installed
 Task = Literal["text-to-image"]
-ModelFamily = Literal["auto", "sd", "sdxl"]  # tasks/ registers one family per name (a test keeps them in step)
+ModelFamily = Literal["auto", "sd", "sdxl", "flux"]  # tasks/ registers one family per name (a test keeps them in step)
 
 # Constrained types shared with the operator's job spec, so the CRD says what the trainer checks.
 Rank = Annotated[int, Field(ge=1, le=1024, description="LoRA rank (r): width of the low-rank update.")]
@@ -137,7 +137,7 @@ class TrainConfig(_Model):
     model_family: ModelFamily = Field(
         "auto",
         description="Model family of base_model: auto reads it from model_index.json (or a single file's keys); "
-        "sd (1.x/2.x) or sdxl insists on it, and a base model of another family stops the run (exit 78).",
+        "a family name insists on it, and a base model of another family stops the run (exit 78).",
     )
     train_data_dir: str = Field(
         ..., min_length=1, description="Folder of images with captions: local path, file://, or s3://."

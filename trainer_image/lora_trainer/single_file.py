@@ -3,7 +3,7 @@
 Decisions (pure, no torch): which URIs name a single file, which name a pickle checkpoint
 (refused: unpickling runs code from the file, so the trainer never does it), and which kind of
 model a checkpoint's keys belong to (sd1, sd2, sdxl, sd3, flux). Which kinds train is the task
-registry's decision (tasks.family_for_checkpoint): SD3 and Flux are recognised and refused by name.
+registry's decision (tasks.family_for_checkpoint): SD3 is refused by name, Flux files point at a diffusers folder.
 
 I/O: the file's sha256, and its conversion into a diffusers folder through the family's diffusers
 pipeline (`StableDiffusionPipeline` / `StableDiffusionXLPipeline.from_single_file`), with the configs from `base_model_config` (a

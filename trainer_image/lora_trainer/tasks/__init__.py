@@ -87,11 +87,13 @@ REGISTRY: dict[str, FamilyInfo] = {
                    "StableDiffusionPipeline", "lora_trainer.tasks.sd"),
         FamilyInfo("sdxl", "SDXL", ("StableDiffusionXLPipeline",), ("sdxl",),
                    "StableDiffusionXLPipeline", "lora_trainer.tasks.sdxl", default_resolution=1024),
+        FamilyInfo("flux", "Flux", ("FluxPipeline",), (), "FluxPipeline", "lora_trainer.tasks.flux",
+                   default_resolution=1024),
     )
 }
 
 # Recognised but not trainable yet: named in the refusal instead of "unknown".
-KNOWN_KINDS = {"sd3": "Stable Diffusion 3", "flux": "Flux"}
+KNOWN_KINDS = {"sd3": "Stable Diffusion 3"}
 
 
 def _supported(registry: Mapping[str, FamilyInfo]) -> str:
@@ -130,7 +132,13 @@ def family_for_checkpoint(
     for info in registry.values():
         if kind in info.checkpoint_kinds:
             return _check_override(info, override, f"{shorten(uri)} is a {info.title} checkpoint", registry)
-    titles = " and ".join(i.title for i in registry.values())
+    titles = " and ".join(i.title for i in registry.values() if i.checkpoint_kinds)
+    if kind in registry:  # a family that trains from diffusers folders only
+        info = registry[kind]
+        raise ConfigError(
+            f"base_model: {shorten(uri)} is a single-file {info.title} checkpoint; {info.title} trains from a "
+            f"diffusers folder only; point base_model at one (saved with {info.pipelines[0]}.save_pretrained())"
+        )
     if kind is None:
         raise InputMissing(
             f"base_model: {shorten(uri)} is not a checkpoint of a known family (no model.diffusion_model.* UNet "
