@@ -62,8 +62,8 @@ LrScheduler = Literal[
 ]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 Optimizer = Literal["adamw", "adamw8bit"]  # adamw8bit: bitsandbytes' AdamW8bit, when installed
-Task = Literal["text-to-image"]
-ModelFamily = Literal["auto", "sd", "sdxl", "flux"]  # tasks/ registers one family per name (a test keeps them in step)
+Task = Literal["text-to-image", "causal-lm"]
+ModelFamily = Literal["auto", "sd", "sdxl", "flux", "causal-lm"]  # tasks/ registers one family per name (a test keeps them in step)
 
 # Constrained types shared with the operator's job spec, so the CRD says what the trainer checks.
 Rank = Annotated[int, Field(ge=1, le=1024, description="LoRA rank (r): width of the low-rank update.")]
@@ -125,10 +125,15 @@ def bounded_s3(s3: S3Config, retry_seconds: float) -> S3Config:
 class TrainConfig(_Model):
     """Everything one LoRA training run needs; `lora-train --config` reads it from YAML."""
 
-    task: Task = Field("text-to-image", description="What is trained; only text-to-image for now.")
+    task: Task = Field(
+        "text-to-image",
+        description="What is trained: text-to-image (a diffusers model, images) or causal-lm (a transformers "
+        "causal LM, JSONL text).",
+    )
     base_model: str = Field(
         ..., min_length=1,
-        description="Diffusers model folder, or one .safetensors checkpoint: local path, file://, or s3://.",
+        description="Diffusers model folder, or one .safetensors checkpoint (text-to-image); a transformers "
+        "causal-LM folder (causal-lm): local path, file://, or s3://.",
     )
     base_model_config: str | None = Field(
         None, min_length=1,
@@ -139,8 +144,26 @@ class TrainConfig(_Model):
         description="Model family of base_model: auto reads it from model_index.json (or a single file's keys); "
         "a family name insists on it, and a base model of another family stops the run (exit 78).",
     )
-    train_data_dir: str = Field(
-        ..., min_length=1, description="Folder of images with captions: local path, file://, or s3://."
+    train_data_dir: str | None = Field(
+        None, min_length=1,
+        description="Folder of images with captions: local path, file://, or s3:// (text-to-image).",
+    )
+    train_file: str | None = Field(
+        None, min_length=1,
+        description="JSONL of prompt/completion, messages or text records: local path, file://, or s3:// (causal-lm).",
+    )
+    eval_file: str | None = Field(None, min_length=1, description="Held-out JSONL for eval loss (causal-lm).")
+    eval_fraction: float | None = Field(
+        None, gt=0, lt=1, description="Share of train_file held out for eval loss, drawn with the seed (causal-lm).",
+    )
+    eval_steps: Steps | None = Field(
+        None, description="Eval loss on the held-out split every N steps (and at the last step); unset: last step only.",
+    )
+    max_seq_length: int = Field(
+        1024, ge=8, le=1_048_576, description="Tokens per sequence; longer samples are truncated (causal-lm).",
+    )
+    packing: bool = Field(
+        False, description="Concatenate samples and cut them into max_seq_length blocks (causal-lm).",
     )
     metadata_path: str | None = Field(
         None,
@@ -172,10 +195,18 @@ class TrainConfig(_Model):
     lora_rank: Rank = 8
     lora_alpha: Alpha | None = None
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+    target_modules: list[str] | None = Field(
+        None,
         min_length=1,
-        description="UNet modules that get LoRA adapters.",
+        description="Modules that get LoRA adapters; unset: the family's (to_q, to_k, to_v, to_out.0 in the UNet; "
+        "the attention projections of a causal LM, e.g. q_proj, k_proj, v_proj, o_proj in Llama).",
+    )
+    lora_target_mlp: bool = Field(
+        False, description="causal-lm with target_modules unset: also the MLP projections (gate/up/down in Llama).",
+    )
+    merge: bool = Field(False, description="causal-lm: also write the base model with the LoRA merged in (merged/).")
+    load_in_4bit: bool = Field(
+        False, description="causal-lm: QLoRA, the frozen base in 4-bit NF4 (needs CUDA and bitsandbytes, else exit 78).",
     )
     train_text_encoder: bool = Field(False, description="Also train a LoRA on the CLIP text encoder.")
     text_encoder_target_modules: list[str] = Field(
@@ -236,7 +267,7 @@ class TrainConfig(_Model):
         False, description="Resume even if training-defining fields changed since the checkpoint (dangerous)."
     )
 
-    @field_validator("base_model", "base_model_config", "train_data_dir", "output_dir")
+    @field_validator("base_model", "base_model_config", "train_data_dir", "train_file", "eval_file", "output_dir")
     @classmethod
     def _clean_uri(cls, value: str | None) -> str | None:
         if value is None:
@@ -264,6 +295,8 @@ class TrainConfig(_Model):
     def _check(self) -> TrainConfig:
         if problem := next(iter(place_problems(self)), None):
             raise ValueError(problem)
+        if problem := task_problem(self):
+            raise ValueError(problem)
         if self.min_bucket_reso > self.max_bucket_reso:
             raise ValueError(f"min_bucket_reso ({self.min_bucket_reso}) is over max_bucket_reso ({self.max_bucket_reso})")
         if self.epochs is None and self.max_train_steps is None:
@@ -280,11 +313,39 @@ class TrainConfig(_Model):
         return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
 
 
+def task_problem(config: TrainConfig) -> str | None:
+    """Why the data and task-only keys do not fit the task (pure), or None."""
+    if config.task == "text-to-image":
+        if not config.train_data_dir:
+            return "train_data_dir: required for task text-to-image; point it at a folder of captioned images"
+        extra = [n for n in TEXT_ONLY_FIELDS if getattr(config, n) not in (None, False)]
+        if extra:
+            return f"{extra[0]}: only for task causal-lm; remove it or set task: causal-lm"
+        return None
+    if not config.train_file:
+        return "train_file: required for task causal-lm; point it at a JSONL file (local or s3://)"
+    if config.train_data_dir:
+        return "train_data_dir: only for task text-to-image; causal-lm reads train_file (a JSONL)"
+    if config.eval_file and config.eval_fraction:
+        return "eval_file and eval_fraction: set one of them, not both"
+    if config.lora_target_mlp and config.target_modules:
+        return "lora_target_mlp: only with target_modules unset; list the MLP modules in target_modules instead"
+    if config.merge and config.load_in_4bit:
+        return "merge: not with load_in_4bit (the base is quantized); train with load_in_4bit, then merge in 16-bit"
+    return None
+
+
+TEXT_ONLY_FIELDS = ("train_file", "eval_file", "eval_fraction", "eval_steps", "packing", "lora_target_mlp",
+                    "merge", "load_in_4bit")
+
+
 def place_problems(config: TrainConfig, resolve: bool = False) -> list[str]:
     """Overlaps of output_dir with an input and of work_dir with the output or an input.
 
     Lexical unless `resolve` (then symlinks count too: the trainer checks again at start)."""
-    inputs = [("train_data_dir", config.train_data_dir), ("base_model", config.base_model)]
+    inputs = [(name, value) for name in ("train_data_dir", "train_file", "eval_file")
+              if (value := getattr(config, name))]
+    inputs.append(("base_model", config.base_model))
     if config.base_model_config:
         inputs.append(("base_model_config", config.base_model_config))
     pairs = [("output_dir", config.output_dir, name, value) for name, value in inputs]
@@ -303,12 +364,15 @@ TRAINING_FIELDS: tuple[str, ...] = (
     "lr_num_cycles", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
     "mixed_precision", "noise_offset", "seed", "optimizer", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
     "bucket_reso_steps", "cache_latents", "cache_text_embeddings",
+    "train_file", "eval_fraction", "max_seq_length", "packing", "lora_target_mlp", "load_in_4bit",
 )
 
 # Training fields added after checkpoints existed: a manifest without one was made with this value.
 ADDED_FIELD_DEFAULTS: dict[str, Any] = {
     "optimizer": "adamw", "enable_bucket": False, "min_bucket_reso": 256, "max_bucket_reso": 1024,
     "bucket_reso_steps": 64, "cache_latents": False, "cache_text_embeddings": False,
+    "train_file": None, "eval_fraction": None, "max_seq_length": 1024, "packing": False,
+    "lora_target_mlp": False, "load_in_4bit": False,
 }
 
 
@@ -349,7 +413,8 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 # Local paths resolved when a run starts; metadata_path is resolved after train_data_dir.
 LOCAL_PATH_FIELDS: tuple[str, ...] = (
-    "base_model", "base_model_config", "train_data_dir", "output_dir", "cache_dir", "work_dir",
+    "base_model", "base_model_config", "train_data_dir", "train_file", "eval_file", "output_dir", "cache_dir",
+    "work_dir",
 )
 
 
@@ -374,8 +439,8 @@ def resolve_local_paths(
             raise ConfigError(problem)
         if path is not None and str(path) != value:
             update[name] = str(path)
-    data_dir = update.get("train_data_dir", config.train_data_dir)
-    if config.metadata_path and not data_dir.startswith("s3://"):
+    data_dir = update.get("train_data_dir", config.train_data_dir) or ""
+    if config.metadata_path and data_dir and not data_dir.startswith("s3://"):
         data_anchor = choose_local("train_data_dir", data_dir, anchors, **check)[0]
         csv_anchors = [anchors[0], ("train_data_dir", data_anchor)] if data_anchor else anchors[:1]
         path, problem = choose_local("metadata_path", config.metadata_path, csv_anchors, **check)

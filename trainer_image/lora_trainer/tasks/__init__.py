@@ -12,24 +12,34 @@ The loop (train.py), checkpointing, storage, progress and the operator know only
     loss(parts, config, inputs, g) -> tensor   model inputs -> the training loss
     save_lora(parts, config, path)             the LoRA in its primary (diffusers) format
     export(parts, config, folder)              the final files, as (path, name in the output)
+    save_intermediate(parts, config, folder, step)   optional: the LoRA users can try from step N, as
+                                               (path, name) pairs; without it, save_lora's file under
+                                               checkpoints/ (see `intermediate_files`)
+
+Training data is chosen by modality, not by family: FamilyInfo.data names a source in
+lora_trainer.dataset (images: a captioned folder; text: a JSONL), which checks it and serves
+the batch stream whose position a checkpoint saves. A family's `encode` takes that stream's batches.
 
 Detection is pure and torch-free (the operator and the config checks may call it): a diffusers
 folder's `model_index.json` `_class_name`, or a single file's key layout (single_file.py), picks the
 family; `model_family` (default auto) insists on one. An unknown or mismatched pipeline is a
 ConfigError (exit 78) naming what was found. Family modules load lazily on first use.
 Settings a config leaves unset that depend on the family (`resolution`: 512 for SD, 1024 for SDXL)
-come from its FamilyInfo (`with_family_defaults`).
+come from its FamilyInfo (`with_family_defaults`). A transformers folder (config.json whose
+architectures name a causal LM) is the causal-lm family; a family must match the config's `task`.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from lora_trainer import contract
+from lora_trainer.architectures import default_targets, is_causal_lm, read_lm_config
 from lora_trainer.errors import ConfigError, InputMissing
 from lora_trainer.paths import shorten
 
@@ -67,6 +77,13 @@ class Family(Protocol):
     def export(self, parts: Any, config: TrainConfig, folder: Path) -> list[tuple[Path, str]]: ...
 
 
+def unet_targets() -> list[str]:
+    """The image families' default target_modules: the UNet's attention projections."""
+    from lora_trainer.config import DEFAULT_TARGET_MODULES  # config imports this module (single_file)
+
+    return list(DEFAULT_TARGET_MODULES)
+
+
 @dataclass(frozen=True)
 class FamilyInfo:
     """How a family is recognised, and where its implementation lives."""
@@ -78,6 +95,10 @@ class FamilyInfo:
     single_file_pipeline: str        # the diffusers pipeline that converts its single files
     module: str                      # implementation, imported on first use
     default_resolution: int = 512    # `resolution` when the config leaves it unset
+    task: str = "text-to-image"      # the config `task` it trains
+    data: str = "images"             # its training data's source (lora_trainer.dataset.SOURCES)
+    # target_modules when the config leaves them unset: (model_type, lora_target_mlp) -> modules
+    targets: Callable[[str | None, bool], list[str]] = field(default=lambda _type, _mlp: unet_targets())
 
 
 REGISTRY: dict[str, FamilyInfo] = {
@@ -89,6 +110,10 @@ REGISTRY: dict[str, FamilyInfo] = {
                    "StableDiffusionXLPipeline", "lora_trainer.tasks.sdxl", default_resolution=1024),
         FamilyInfo("flux", "Flux", ("FluxPipeline",), (), "FluxPipeline", "lora_trainer.tasks.flux",
                    default_resolution=1024),
+        FamilyInfo("flux", "Flux", ("FluxPipeline",), (), "FluxPipeline", "lora_trainer.tasks.flux",
+                   default_resolution=1024),
+        FamilyInfo("causal-lm", "causal language model", (), (), "", "lora_trainer.tasks.causal_lm",
+                   task="causal-lm", data="text", targets=default_targets),
     )
 }
 
@@ -167,18 +192,65 @@ def read_pipeline_class(model_dir: Path) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def detect(model_dir: Path, override: str = AUTO) -> FamilyInfo:
-    """The family of a local diffusers folder (model_index.json), checked against `override`."""
-    return family_for_pipeline(read_pipeline_class(model_dir), override, str(model_dir))
+def family_for_architectures(
+    architectures: tuple[str, ...], override: str, where: str, registry: Mapping[str, FamilyInfo] = REGISTRY
+) -> FamilyInfo:
+    """The family of a transformers folder whose config.json names `architectures` (pure)."""
+    found = next((i for i in registry.values() if i.task == "causal-lm"), None)
+    if found is None or not is_causal_lm(architectures):
+        shown = ", ".join(architectures) or "no architectures"
+        raise ConfigError(
+            f"base_model: {shorten(where)} is a transformers model ({shown} in config.json), not a causal LM "
+            "(…ForCausalLM); point base_model at a causal language model or a diffusers folder"
+        )
+    return _check_override(found, override, f"{shorten(where)} is a {architectures[0]}", registry)
 
 
-def with_family_defaults(config: TrainConfig, info: FamilyInfo) -> TrainConfig:
-    """The config with the settings it leaves to the family filled in (pure): `resolution`.
+def check_task(info: FamilyInfo, task: str, where: str) -> FamilyInfo:
+    """`info` when it trains `task`; else a ConfigError naming both and the fix (pure)."""
+    if info.task == task:
+        return info
+    raise ConfigError(
+        f"task: {task!r} but base_model {shorten(where)} is a {info.title} ({info.task}); "
+        f"set task: {info.task}, or point base_model at a model for {task}"
+    )
+
+
+def detect(model_dir: Path, override: str = AUTO, task: str | None = None) -> FamilyInfo:
+    """The family of a local diffusers folder (model_index.json) or transformers causal-LM folder
+    (config.json), checked against `override` and, when given, the config's `task`."""
+    if not (model_dir / MODEL_INDEX).is_file() and (lm := read_lm_config(model_dir)) is not None:
+        info = family_for_architectures(lm.architectures, override, str(model_dir))
+    else:
+        info = family_for_pipeline(read_pipeline_class(model_dir), override, str(model_dir))
+    return check_task(info, task, str(model_dir)) if task else info
+
+
+def with_family_defaults(config: TrainConfig, info: FamilyInfo, model_type: str | None = None) -> TrainConfig:
+    """The config with the settings it leaves to the family filled in (pure): `resolution`, and
+    `target_modules` (per architecture: `model_type` from a transformers config.json).
 
     The run hashes, checks and backs up this config, so they record the values used."""
+    update: dict[str, Any] = {}
     if config.resolution is None:
-        return config.model_copy(update={"resolution": info.default_resolution})
-    return config
+        update["resolution"] = info.default_resolution
+    if config.target_modules is None:
+        update["target_modules"] = info.targets(model_type, config.lora_target_mlp)
+    return config.model_copy(update=update) if update else config
+
+
+def intermediate_files(family: Family, parts: Any, config: TrainConfig, folder: Path, step: int
+                       ) -> list[tuple[Path, str]]:
+    """The LoRA users can try from `step`, as (local path, name in the output): the family's
+    `save_intermediate` when it has one, else its `save_lora` file at the contract's name."""
+    own = getattr(family, "save_intermediate", None)
+    if own is not None:
+        return own(parts, config, folder, step)
+    name = contract.intermediate_weights_name(step)
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    family.save_lora(parts, config, path)
+    return [(path, name)]
 
 
 def load_family(info: FamilyInfo) -> Family:
