@@ -51,6 +51,7 @@ class Progress(_Wire):
     loss: float | None = None
     steps_per_second: float | None = None
     eta_seconds: float | None = None
+    tokens_per_second: float | None = None  # text tasks: tokens trained per second this attempt
     attempt: int = Field(0, ge=0)
     state: str = "running"  # running | checkpointing | finished | preempted | failed
     latest_checkpoint_step: int | None = None

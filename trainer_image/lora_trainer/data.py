@@ -257,6 +257,7 @@ class ImageBatch:
     captions: list[str]
     original_sizes: list[tuple[int, int]]  # (height, width) before resizing
     crops: list[tuple[int, int]]  # (top, left) of the crop in the resized image
+    num_tokens: int = 0  # text batches count tokens for tokens/s; images have none
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ class ProgressReporter:
         self.start_step = start
         self.every = every
         self.last_loss: float | None = None
+        self._tokens = 0
         self._t0 = time.monotonic()
         self._step = start
         use_tty = sys.stderr.isatty() if tty is None else tty
@@ -32,14 +33,21 @@ class ProgressReporter:
         return done / elapsed if done > 0 and elapsed > 0 else None
 
     @property
+    def token_rate(self) -> float | None:
+        """Tokens trained per second since this attempt started; None when batches carry no tokens."""
+        elapsed = time.monotonic() - self._t0
+        return self._tokens / elapsed if self._tokens and elapsed > 0 else None
+
+    @property
     def eta(self) -> float | None:
         """Seconds until the last step at the current rate."""
         rate = self.rate
         return (self.total - self._step) / rate if rate else None
 
-    def update(self, step: int, loss: float) -> None:
-        """Record a finished optimizer step."""
+    def update(self, step: int, loss: float, tokens: int = 0) -> None:
+        """Record a finished optimizer step (and the tokens it trained on)."""
         self.last_loss = loss
+        self._tokens += tokens
         advanced = step - self._step
         self._step = step
         if self._bar is not None:

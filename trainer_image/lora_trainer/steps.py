@@ -29,6 +29,7 @@ class StepResult:
     loss: float
     grad_norm: float
     lr: float
+    tokens: int = 0  # tokens the step trained on (text batches; 0 for images)
 
 
 def total_steps(config: TrainConfig, n_samples: int) -> int:
@@ -108,8 +109,10 @@ def train_step(
     """Run one optimizer step (all its micro-batches) and return its loss, grad norm and LR."""
     accum = config.gradient_accumulation_steps
     total = 0.0
+    tokens = 0
     for micro in range(accum):
         batch = stream.next_samples(config.batch_size)
+        tokens += batch.num_tokens
         loss = micro_step_loss(family, parts, config, batch, derive_seed(config.seed, step, micro), cache)
         scaled = loss / accum
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -126,4 +129,16 @@ def train_step(
         optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=total / accum, grad_norm=float(grad_norm), lr=float(lr))
+    return StepResult(loss=total / accum, grad_norm=float(grad_norm), lr=float(lr), tokens=tokens)
+
+
+EVAL_SEED = 0xE7A1
+
+
+def evaluate(family: Family, parts: Parts, config: TrainConfig, batches: list[Any]) -> float:
+    """Mean loss over held-out batches, without gradients; batch i's randomness from (seed, EVAL_SEED, i),
+    and the global generator reseeded by the next training micro-step, so training is unaffected."""
+    with torch.no_grad():
+        losses = [micro_step_loss(family, parts, config, batch, derive_seed(config.seed, EVAL_SEED, i)).item()
+                  for i, batch in enumerate(batches)]
+    return sum(losses) / len(losses)

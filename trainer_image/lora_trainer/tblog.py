@@ -1,4 +1,5 @@
-"""Run logs: TensorBoard scalars, logs/metrics.jsonl (step, loss, lr, grad_norm, wall time) and train.log.
+"""Run logs: TensorBoard scalars, logs/metrics.jsonl (step, loss, lr, grad_norm, wall time, and eval_loss
+on the steps that measured it) and train.log.
 
 Across resumes they stay on one step axis: earlier train.log and metrics rows are carried over
 (metrics past the resumed step are dropped, they will be recomputed), and TensorBoard's
@@ -50,12 +51,15 @@ class RunLogs:
                     text = "".join(line + "\n" for line in rows if json.loads(line)["step"] <= resume_step)
                 (self.folder / name).write_text(text, encoding="utf-8")
 
-    def scalar(self, step: int, loss: float, lr: float, grad_norm: float) -> None:
-        """Record one optimizer step."""
+    def scalar(self, step: int, loss: float, lr: float, grad_norm: float, eval_loss: float | None = None) -> None:
+        """Record one optimizer step (and the held-out loss when it was measured at this step)."""
         self._tb.add_scalar("loss/train", loss, step)
         self._tb.add_scalar("learning_rate", lr, step)
         self._tb.add_scalar("grad_norm", grad_norm, step)
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "time": round(time.time(), 4)}
+        if eval_loss is not None:
+            self._tb.add_scalar("loss/eval", eval_loss, step)
+            row["eval_loss"] = eval_loss
         self._metrics.write(json.dumps(row) + "\n")
 
     def flush(self) -> None:

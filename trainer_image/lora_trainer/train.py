@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lora_trainer import checkpoint, contract, state
-from lora_trainer.buckets import BucketStream, make_stream
+from lora_trainer.architectures import read_lm_config
 from lora_trainer.cache import EncodeCache, cache_kinds
 from lora_trainer.config import (
     TrainConfig,
@@ -33,17 +33,34 @@ from lora_trainer.config import (
     training_fields,
 )
 from lora_trainer.contract import Progress
-from lora_trainer.data import BatchStream, Position, check_dataset
+from lora_trainer.data import Position
+from lora_trainer.dataset import Dataset, open_dataset
 from lora_trainer.errors import ConfigError, DatasetError, InputMissing, Preempted, ResumeRefused, UserError
 from lora_trainer.fetch import fetch_file
 from lora_trainer.paths import shorten
 from lora_trainer.progress import ProgressReporter
 from lora_trainer.signals import StopFlag
 from lora_trainer.single_file import convert_single_file, is_single_file
-from lora_trainer.steps import make_lr_scheduler, make_optimizer, optimizer_class, total_steps, train_step
+from lora_trainer.steps import (
+    evaluate,
+    make_lr_scheduler,
+    make_optimizer,
+    optimizer_class,
+    total_steps,
+    train_step,
+)
 from lora_trainer.storage import Store, fetch_tree, open_store, parse_uri
 from lora_trainer.storeproc import StoreProcess, commit_checkpoint, open_upload_store
-from lora_trainer.tasks import Family, Parts, detect, load_family, with_family_defaults
+from lora_trainer.tasks import (
+    Family,
+    FamilyInfo,
+    Parts,
+    check_task,
+    detect,
+    intermediate_files,
+    load_family,
+    with_family_defaults,
+)
 from lora_trainer.tblog import RunLogs
 from lora_trainer.uploader import BackgroundUploader, retry_storage
 from lora_trainer.workdir import prepare_work_dir
@@ -132,7 +149,7 @@ class Trainer:
         except InputMissing as exc:
             raise InputMissing(f"{field_name}: {exc.message}") from None
 
-    def _model_dir(self, model: Path, cache: Path) -> tuple[Path, Family]:
+    def _model_dir(self, model: Path, cache: Path) -> tuple[Path, FamilyInfo]:
         """The diffusers folder to load (the base model itself, or its single file converted once)
         and its family, detected through the task registry (model_family insists on one).
 
@@ -143,16 +160,25 @@ class Trainer:
         if not model.is_file():
             if c.base_model_config:
                 log.warning("base_model_config is only used with a single-file base_model; ignoring it")
-            folder, info, sha = model, detect(model, c.model_family), None
+            folder, info, sha = model, detect(model, c.model_family, c.task), None
         else:
             config_dir = (self._fetch("base_model_config", c.base_model_config, cache, InputMissing)
                           if c.base_model_config else None)
             folder, sha, info = convert_single_file(model, c.base_model, config_dir, cache_root(c), c.model_family)
-        self.config = c = with_family_defaults(c, info)
+            check_task(info, c.task, c.base_model)
+        lm = read_lm_config(folder) if info.data == "text" else None
+        self.config = c = with_family_defaults(c, info, lm.model_type if lm else None)
         self.fields, self.hash = training_fields(c, sha), config_hash(c, sha)
-        return folder, load_family(info)
+        return folder, info
 
-    def _prepare(self) -> tuple[Family, Parts, list, BatchStream | BucketStream, int]:
+    def _fetch_data(self, field_name: str, uri: str, single_file: bool) -> Path:
+        """A dataset input in the local cache (a folder, or one file); errors name the field."""
+        cache = cache_root(self.config) / "inputs"
+        if single_file:
+            return self._fetch_file(field_name, uri, cache)
+        return self._fetch(field_name, uri, cache, DatasetError)
+
+    def _prepare(self) -> tuple[Family, Parts, list, Dataset, int]:
         # Inputs live in the cache, not under work_dir: a pod's root filesystem is read-only and
         # only the cache (an emptyDir) is writable; a second attempt on the node reuses them.
         cache = cache_root(self.config) / "inputs"
@@ -161,18 +187,13 @@ class Trainer:
             model = self._fetch_file("base_model", c.base_model, cache)
         else:
             model = self._fetch("base_model", c.base_model, cache, InputMissing)
-        data_dir = self._fetch("train_data_dir", c.train_data_dir, cache, DatasetError)
-        model_dir, family = self._model_dir(model, cache)  # the family fills in what the config left unset
+        model_dir, info = self._model_dir(model, cache)  # the family fills in what the config left unset
         c = self.config
-        report = check_dataset(data_dir, c.resolution, c.metadata_path, c.caption_extension, c.max_image_pixels)
-        if report.warnings:
-            log.warning(report.summary())
-        if report.fatal:
-            raise DatasetError(report.fatal)
+        data = open_dataset(info.data, c, model_dir, self._fetch_data)  # checked before the model loads
+        family = load_family(info)
         parts = family.load(model_dir, c)
         params = family.add_lora(parts, c)
-        stream = make_stream(report.samples, c)  # square, or aspect-ratio buckets
-        return family, parts, params, stream, total_steps(c, len(report.samples))
+        return family, parts, params, data, total_steps(c, data.size)
 
     def run(self) -> RunResult:
         """Train to the end (or until stopped) and return what was done."""
@@ -192,7 +213,8 @@ class Trainer:
         prepare_work_dir(self.scratch, "work_dir" if c.work_dir else "cache_dir")
         optimizer_class(c)  # a missing optional optimizer stops the run before the model loads
         torch.manual_seed(c.seed)
-        family, parts, params, stream, steps = self._prepare()  # bad inputs fail before the output is touched
+        family, parts, params, data, steps = self._prepare()  # bad inputs fail before the output is touched
+        stream = data.stream
         c = self.config  # with the family's defaults: what is hashed, checked and backed up
         kinds = cache_kinds(c.cache_latents, c.cache_text_embeddings, family.cacheable(c))
         attempt = self._retrying("resolving the attempt", lambda: resolve_attempt(self.store))
@@ -235,16 +257,15 @@ class Trainer:
                 attempt=attempt, config_hash=self.hash,
             )
             state.save_state(folder, ts, trained, optimizer, lr_scheduler, scaler)
-            lora_file = self.scratch / contract.intermediate_weights_name(at)
-            lora_file.parent.mkdir(parents=True, exist_ok=True)
-            family.save_lora(parts, c, lora_file)
+            loras = intermediate_files(family, parts, c, self.scratch, at)
             logs.flush()
 
             def commit() -> None:
                 # Logs first: a committed checkpoint must find its steps' losses in the stored logs,
                 # since an attempt resuming from it never re-runs (or re-logs) those steps.
                 logs.upload()
-                uploads.put_file(contract.intermediate_weights_name(at), lora_file)
+                for path, name in loras:
+                    uploads.put_file(name, path)
                 commit_checkpoint(uploads, folder, at, attempt, self.hash, self.fields, c.keep_last)
                 shutil.rmtree(folder, ignore_errors=True)
 
@@ -255,6 +276,7 @@ class Trainer:
             p = Progress(
                 step=step, total_steps=steps, epoch=stream.position.epoch, loss=reporter.last_loss,
                 steps_per_second=reporter.rate, eta_seconds=reporter.eta, attempt=attempt,
+                tokens_per_second=reporter.token_rate,
                 state=state_name, latest_checkpoint_step=last_committed,
             )
             data = p.model_dump_json().encode()
@@ -267,8 +289,11 @@ class Trainer:
                 out = train_step(family, parts, c, stream, params, optimizer, lr_scheduler, scaler, step, self.cache)
                 step += 1
                 result.losses[step] = out.loss
-                logs.scalar(step, out.loss, out.lr, out.grad_norm)
-                reporter.update(step, out.loss)
+                eval_loss = None
+                if data.eval_batches and (step == steps or (c.eval_steps and step % c.eval_steps == 0)):
+                    eval_loss = evaluate(family, parts, c, data.eval_batches)
+                logs.scalar(step, out.loss, out.lr, out.grad_norm, eval_loss=eval_loss)
+                reporter.update(step, out.loss, tokens=out.tokens)
                 # The last step is checkpointed too: a run can be extended (more steps) without
                 # losing its tail, and a pod lost while exporting resumes with nothing to redo.
                 if c.save_steps and (step % c.save_steps == 0 or step == steps):
@@ -349,9 +374,15 @@ class Trainer:
 
 def read_losses(metrics_text: str) -> dict[int, float]:
     """Per-step losses from logs/metrics.jsonl (last value wins for a repeated step)."""
+    return read_metric(metrics_text, "loss")
+
+
+def read_metric(metrics_text: str, name: str) -> dict[int, float]:
+    """One metric per step from logs/metrics.jsonl (`loss`, `eval_loss`...); steps without it are left out."""
     out: dict[int, float] = {}
     for line in metrics_text.splitlines():
         if line.strip():
             row = json.loads(line)
-            out[int(row["step"])] = float(row["loss"])
+            if name in row:
+                out[int(row["step"])] = float(row[name])
     return out
