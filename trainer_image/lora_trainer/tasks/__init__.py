@@ -110,8 +110,6 @@ REGISTRY: dict[str, FamilyInfo] = {
                    "StableDiffusionXLPipeline", "lora_trainer.tasks.sdxl", default_resolution=1024),
         FamilyInfo("flux", "Flux", ("FluxPipeline",), (), "FluxPipeline", "lora_trainer.tasks.flux",
                    default_resolution=1024),
-        FamilyInfo("flux", "Flux", ("FluxPipeline",), (), "FluxPipeline", "lora_trainer.tasks.flux",
-                   default_resolution=1024),
         FamilyInfo("causal-lm", "causal language model", (), (), "", "lora_trainer.tasks.causal_lm",
                    task="causal-lm", data="text", targets=default_targets),
     )
