@@ -85,7 +85,8 @@ def test_unset_resolution_is_the_family_default(family: str, given: int | None, 
     from lora_trainer.config import config_hash, dump_config, parse_config, training_fields
     from lora_trainer.tasks import with_family_defaults
 
-    data = {"base_model": "m", "train_data_dir": "d", "output_dir": "o", "max_train_steps": 1}
+    data = {"base_model": "m", "train_data_dir": "d", "output_dir": "o", "max_train_steps": 1,
+            "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}  # resolution is the only default left
     config = parse_config({**data, **({"resolution": given} if given else {})})
     resolved = with_family_defaults(config, REGISTRY[family])
     assert resolved.resolution == used
