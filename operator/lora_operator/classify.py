@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from lora_operator.status import clean_reason
-from lora_trainer.errors import EXIT_NOPERM, EXIT_OK, EXIT_PREEMPTED
+from lora_trainer.errors import EXIT_NOPERM, EXIT_OK, EXIT_OOM, EXIT_PREEMPTED
 
 ATTEMPT_LABEL = "lora-operator.dev/attempt"
 JOB_LABEL = "lora-operator.dev/job"
@@ -74,6 +74,7 @@ class Reason:
     FAILED = "Failed"
     STALE_POD = "StalePod"
     STORAGE_REJECTED = "StorageRejected"  # exit 77
+    OUT_OF_MEMORY = "OutOfMemory"  # exit 71: a training step ran out of GPU or host memory
     # The API server refused the job's status (422): a short one was written instead.
     STATUS_REJECTED = "StatusRejected"
     STATUS_ACCEPTED = "StatusAccepted"
@@ -86,6 +87,14 @@ PERMANENT_EXITS: dict[int, tuple[str, str]] = {
         "the object store refused the trainer's requests (no such bucket, or credentials it does not accept); "
         "check spec.output.uri, spec.baseModel.uri, spec.dataset.uri, spec.storage.endpoint and the keys in "
         "spec.storage.credentialsSecret",
+    ),
+    # Not retried: the same settings run out of memory again at the same step. The trainer's own
+    # message (with the values it used) wins; this one is for a pod that left none.
+    EXIT_OOM: (
+        Reason.OUT_OF_MEMORY,
+        "a training step ran out of memory; lower spec.training.batchSize (raising "
+        "spec.training.gradientAccumulationSteps keeps the effective batch), spec.training.resolution or "
+        "spec.lora.rank, or set spec.training.gradientCheckpointing",
     ),
 }
 

@@ -8,6 +8,8 @@ Behaviours tested:
   invalid image name is fatal at once;
 - pods stuck Terminating are force-deleted only on a NotReady node past the grace;
 - exponential backoff is capped;
+- exit 71 (a step ran out of memory) is permanent with reason OutOfMemory and the trainer's advice,
+  or the spec fields to lower when the pod left none;
 - exit 77 (the store refused the trainer for good) is permanent with reason StorageRejected and a
   message naming the spec fields to check; reasons from the trainer or the kubelet are cleaned.
 """
@@ -29,6 +31,8 @@ from lora_operator.classify import (
 )
 from tests.unit.builders import NOW, make_pod
 
+OOM_TM = json.dumps({"reason": "OutOfMemory", "step": 11, "message": "out of memory on cuda during step 12: "
+                    "lower batch_size (now 4, e.g. 2) and raise gradient_accumulation_steps (now 1, e.g. 2)"})
 TM = json.dumps({"reason": "InvalidConfig", "step": 0, "checkpoint": None, "message": "learning_rate: too big"})
 
 
@@ -60,6 +64,11 @@ TM = json.dumps({"reason": "InvalidConfig", "step": 0, "checkpoint": None, "mess
         (make_pod(phase="Failed", exit_code=65), Result.PERMANENT, "ExitCode65"),
         (make_pod(phase="Failed", exit_code=64), Result.PERMANENT, "ExitCode64"),
         (make_pod(phase="Failed", exit_code=77), Result.PERMANENT, Reason.STORAGE_REJECTED),
+        (make_pod(phase="Failed", exit_code=71), Result.PERMANENT, Reason.OUT_OF_MEMORY),
+        (make_pod(phase="Failed", exit_code=71, message=OOM_TM), Result.PERMANENT, Reason.OUT_OF_MEMORY),
+        # The kernel's OOMKilled (the pod's memory limit) outranks the exit code, and is retried.
+        (make_pod(phase="Failed", exit_code=71, message=OOM_TM, terminated_reason="OOMKilled"),
+         Result.FAILED, Reason.OOM_KILLED),
         (make_pod(phase="Failed", exit_code=77, message=json.dumps({"reason": "StorageRejected", "message": "NoSuchBucket"})),
          Result.PERMANENT, Reason.STORAGE_REJECTED),
         # A reason the API would refuse in a condition is cleaned to CamelCase of at most 1024 bytes.
@@ -85,6 +94,16 @@ def test_finished_pods(pod: dict, result: Result, reason: str) -> None:
 @pytest.mark.parametrize("pod", [make_pod(phase="Running"), make_pod(phase="Pending"), make_pod(phase="Running", deleting_ago=1)])
 def test_live_pods_have_no_outcome(pod: dict) -> None:
     assert classify_finished(pod) is None
+
+
+@pytest.mark.parametrize(("message", "says"), [
+    (OOM_TM, "lower batch_size (now 4, e.g. 2)"),  # the trainer's values win
+    ("", "lower spec.training.batchSize"),  # a pod that left no message: the spec fields to change
+])
+def test_out_of_memory_exit_is_permanent_and_names_the_remedies(message: str, says: str) -> None:
+    outcome = classify_finished(make_pod(phase="Failed", exit_code=71, message=message))
+    assert outcome is not None and outcome.result is Result.PERMANENT
+    assert says in outcome.message
 
 
 def test_termination_message_json_carries_step_and_checkpoint() -> None:

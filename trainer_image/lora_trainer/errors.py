@@ -10,6 +10,8 @@
         ├── ConfigError          exit 78  a config field is wrong (EX_CONFIG)
         ├── DatasetError         exit 65  the dataset cannot be trained on (EX_DATAERR)
         ├── InputMissing         exit 66  base model or dataset not found (EX_NOINPUT)
+        ├── OutOfMemory          exit 71  a training step ran out of GPU or host memory; the
+        │                                 message names the settings to lower (EX_OSERR; oom.py)
         ├── ResumeRefused        exit 65  checkpoints exist but none is usable (verifies and
         │                                 loads), or they were made with a config that changes training
         └── StaleAttempt         exit 73  a newer attempt owns the output (fencing, EX_CANTCREAT)
@@ -25,6 +27,7 @@ EXIT_FAILURE = 1
 EXIT_STORAGE = 3
 EXIT_DATAERR = 65
 EXIT_NOINPUT = 66
+EXIT_OOM = 71
 EXIT_CANTCREAT = 73
 EXIT_NOPERM = 77
 EXIT_PREEMPTED = 75
@@ -75,6 +78,13 @@ class DatasetError(UserError):
 class InputMissing(UserError):
     exit_code = EXIT_NOINPUT
     reason = "InputMissing"
+
+
+class OutOfMemory(UserError):
+    """The same settings on the same hardware run out again at the same step: not retried."""
+
+    exit_code = EXIT_OOM
+    reason = "OutOfMemory"
 
 
 class ResumeRefused(UserError):
