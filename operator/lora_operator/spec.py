@@ -39,6 +39,7 @@ from lora_trainer.config import (
     Resolution,
     S3Config,
     Seed,
+    Task,
     TrainConfig,
     format_validation_error,
 )
@@ -56,7 +57,6 @@ CACHE_DIR = "/scratch/cache"
 WORK_DIR = "/scratch/work"
 GRACE_MARGIN_SECONDS = 5  # the trainer must commit its checkpoint this long before SIGKILL
 
-JobTask = Literal["text-to-image", "causal-lm"]
 CAUSAL_LM = "causal-lm"
 
 # Bounded sizes keep the CEL cost estimate of the immutability rules under the API server's budget.
@@ -310,7 +310,7 @@ def _obj(model: type[BaseModel], description: str) -> Any:
 class JobSpec(_Spec):
     """spec of a LoRATrainingJob."""
 
-    task: JobTask = Field(
+    task: Task = Field(
         "text-to-image", description="What is trained: text-to-image (a diffusion LoRA) or causal-lm (an LLM LoRA)."
     )
     base_model: ModelSource = Field(description="The base model to adapt: a diffusers folder or one .safetensors file.")

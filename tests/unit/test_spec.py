@@ -277,7 +277,7 @@ def test_text_to_image_sends_no_llm_keys() -> None:
     data = train_config_data(parse_spec(MINIMAL_SPEC))
     assert data["train_data_dir"] == "s3://datasets/portraits/" and not LLM_KEYS & data.keys()
     assert "target_modules" not in data  # unset: the trainer's default (the UNet's attention)
-    assert to_train_config(parse_spec(MINIMAL_SPEC)).target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert to_train_config(parse_spec(MINIMAL_SPEC)).target_modules is None  # resolved per family at run time
 
 
 # A value other than the default for every field one task reads only.
@@ -315,6 +315,12 @@ def test_a_field_of_the_other_task_is_refused_by_name(base: dict, task: str, oth
         assert f"applies to task {other} only" in str(info.value) and f"spec.task is {task}" in str(info.value)
 
 
+def test_a_causal_lm_family_needs_the_causal_lm_task() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec(with_fields(MINIMAL_SPEC, baseModel={"family": "causal-lm"}))
+    assert info.value.field == "spec.baseModel.family" and "an image family" in str(info.value)
+
+
 def test_default_values_of_the_other_task_are_fine() -> None:
     """The API server writes every default into stored objects: those must not count as set."""
     image_defaults = {"dataset": {"captionExtension": ".txt"}, "lora": {"trainTextEncoder": False},
@@ -347,3 +353,15 @@ def test_causal_lm_errors_name_the_field(blocks: dict, field: str, words: str) -
     with pytest.raises(SpecError) as info:
         parse_spec(spec)
     assert info.value.field == field and words in str(info.value), str(info.value)
+
+
+def test_causal_lm_spec_becomes_a_trainer_config() -> None:
+    spec = with_fields(LLM_SPEC, dataset={"evalFraction": 0.1}, training={"maxSeqLength": 256, "packing": True,
+                                                                           "evalSteps": 10}, lora={"targetMlp": True})
+    config = to_train_config(parse_spec(spec))
+    assert (config.task, config.train_file, config.train_data_dir) == ("causal-lm", "s3://datasets/legal/train.jsonl",
+                                                                       None)
+    assert (config.eval_fraction, config.max_seq_length, config.packing, config.eval_steps, config.lora_target_mlp) == (
+        0.1, 256, True, 10, True)
+    assert config.target_modules is None  # the architecture's projections, resolved when the model is loaded
+    assert to_train_config(parse_spec(LLM_SPEC)).max_seq_length == 1024  # unset: the trainer's default
