@@ -27,8 +27,18 @@ import kopf
 
 from lora_operator import kube as k
 from lora_operator.classify import JOB_LABEL, is_terminating, parse_time
+from lora_operator.metrics import Metrics
+from lora_operator.outputs import OutputUse, output_use
 from lora_operator.progress import ProgressUnavailable, check_endpoint, credentials_from_secret, read_progress
-from lora_operator.reconcile import CreatePod, Decision, DeletePod, Observed, pod_rejected, reconcile
+from lora_operator.reconcile import (
+    CreatePod,
+    Decision,
+    DeleteJob,
+    DeletePod,
+    Observed,
+    pod_rejected,
+    reconcile,
+)
 from lora_operator.settings import Settings, peering_priority
 from lora_operator.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
 from lora_operator.status import TERMINAL_PHASES, bound_status, merge_patch, rejected_status
@@ -135,6 +145,7 @@ class Memo:
     events: Callable[[Mapping[str, Any], str, str, str], None] = post_event
     cache: ObjectCache = field(default_factory=ObjectCache)
     secrets: dict[tuple[str, str], tuple[float, dict[str, str] | None]] = field(default_factory=dict)
+    metrics: Metrics | None = None
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         """The Secret's data, reused for SECRET_TTL seconds (a rotated key is seen within that)."""
@@ -225,7 +236,16 @@ async def _observe(memo: Memo, job: Mapping[str, Any], pods: list[Mapping[str, A
                 progress, latest = await asyncio.to_thread(read_progress, spec.output.uri, spec.storage, creds)
         except (SpecError, ProgressUnavailable) as exc:
             problem = str(exc)
-    return Observed(job=job, pods=pods, now=now, progress=progress, latest=latest, nodes_ready=nodes), problem
+    return Observed(job=job, pods=pods, now=now, progress=progress, latest=latest, nodes_ready=nodes,
+                    output_users=_output_users(memo, status)), problem
+
+
+def _output_users(memo: Memo, status: Mapping[str, Any]) -> list[OutputUse]:
+    """The live jobs' outputs (from the cache), when this pass may start an attempt: OutputInUse."""
+    idle = not status.get("attempt") or (status.get("lastAttempt") or {}).get("attempt") == status.get("attempt")
+    if status.get("phase") in TERMINAL_PHASES or not idle:
+        return []
+    return [use for other in list(memo.cache.jobs.values()) if (use := output_use(other)) is not None]
 
 
 class StatusRefused(k.KubeError):
@@ -307,8 +327,15 @@ async def _apply(memo: Memo, job: Mapping[str, Any], obs: Observed, decision: De
                 break
         elif isinstance(action, DeletePod):
             await memo.kube.delete_pod(ns, action.name, action.grace_seconds)
+        elif isinstance(action, DeleteJob):
+            await memo.kube.delete_job(ns, job["metadata"]["name"])
     decision.status = bound_status(decision.status)
-    await _write_status(memo, job, decision, obs.now, logger, loop)
+    if not any(isinstance(action, DeleteJob) for action in decision.actions):  # a deleted job keeps no status
+        await _write_status(memo, job, decision, obs.now, logger, loop)
+    if memo.metrics is not None:
+        meta = job["metadata"]
+        every = ((job.get("spec") or {}).get("checkpoint") or {}).get("everySteps")
+        memo.metrics.observe_pass((ns, meta["name"]), job.get("status") or {}, decision.status, obs.progress, every)
     attempt = decision.status.get("attempt")
     for ev in decision.events:
         memo.events(job, ev.type, ev.reason, ev.message)
@@ -375,8 +402,10 @@ async def reconcile_job(memo: Memo, namespace: str, name: str, logger: logging.L
         decision = await _apply(memo, job, obs, decision, logger, loop, cached=cached)
     except _Stale:
         return await reconcile_job(memo, namespace, name, logger, loop, cached=False)
-    if decision.status.get("phase") in TERMINAL_PHASES:
+    if any(isinstance(action, DeleteJob) for action in decision.actions):
         return None
+    if decision.status.get("phase") in TERMINAL_PHASES:
+        return decision.requeue_after  # None, or when spec.ttlSecondsAfterFinished runs out
     interval = memo.settings.progress_interval
     return interval if decision.requeue_after is None else min(interval, decision.requeue_after)
 
@@ -415,9 +444,12 @@ async def job_loop(memo: Memo, namespace: str, name: str, stopped: kopf.DaemonSt
     try:
         while not stopped:
             wake.clear()
+            started = time.monotonic()
             try:
                 delay = await reconcile_job(memo, namespace, name, logger, state,
                                             cached=_may_use_cache(memo, namespace, name, state))
+                if memo.metrics is not None:
+                    memo.metrics.reconcile.observe(time.monotonic() - started)
             except StatusRefused as exc:  # logged once in _write_status; no events were posted
                 logger.debug("status refused, retrying in %ss: %s", ERROR_DELAY, exc)
                 delay, state.fresh_at = ERROR_DELAY, None
@@ -486,6 +518,8 @@ def build_registry(memo: Memo) -> kopf.OperatorRegistry:
         finally:
             if stopped:  # the job is gone (or the operator stops): forget its objects
                 memo.cache.drop_job(namespace, name)
+                if memo.metrics is not None:
+                    memo.metrics.forget((namespace, name))
 
     # Event handlers are async on purpose: Kopf runs sync handlers in a worker thread, and
     # asyncio.Event.set() from another thread is not thread-safe (the loop may not wake up).
@@ -514,19 +548,24 @@ async def run_operator(settings: Settings, *, kubeconfig: str | None = None, sto
                        ready_flag: Any = None) -> None:
     """Run the operator until `stop_flag` is set (or forever): `lora-operator run` and the tests."""
     memo = Memo(settings=settings, kube=k.Kube(k.load_configuration(kubeconfig)))
+    memo.metrics = Metrics(lambda: list(memo.cache.jobs.values()), _now)
+    memo.metrics.serve(settings.metrics_port, settings.metrics_address)
     objects_logger = logging.getLogger("kopf.objects")
     if not any(isinstance(f, QuietWakeups) for f in objects_logger.filters):
         objects_logger.addFilter(QuietWakeups())
-    await kopf.operator(
-        registry=build_registry(memo),
-        standalone=settings.standalone,
-        # A peering name makes peering mandatory: without the KopfPeering CRDs the operator waits.
-        peering_name=None if settings.standalone else settings.peering,
-        # Equal priorities make every replica pause: each one gets its own (see settings).
-        priority=None if settings.standalone else peering_priority(settings),
-        clusterwide=not settings.namespaces,
-        namespaces=settings.namespaces,
-        liveness_endpoint=settings.liveness or None,
-        stop_flag=stop_flag,
-        ready_flag=ready_flag,
-    )
+    try:
+        await kopf.operator(
+            registry=build_registry(memo),
+            standalone=settings.standalone,
+            # A peering name makes peering mandatory: without the KopfPeering CRDs the operator waits.
+            peering_name=None if settings.standalone else settings.peering,
+            # Equal priorities make every replica pause: each one gets its own (see settings).
+            priority=None if settings.standalone else peering_priority(settings),
+            clusterwide=not settings.namespaces,
+            namespaces=settings.namespaces,
+            liveness_endpoint=settings.liveness or None,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+        )
+    finally:
+        memo.metrics.close()

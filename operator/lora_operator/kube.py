@@ -174,6 +174,15 @@ class Kube:
         except NotFound:
             pass
 
+    async def delete_job(self, namespace: str, name: str) -> None:
+        """Delete a job in the background: the garbage collector removes its pods (owner references);
+        gone already is fine."""
+        try:
+            await self._call(f"delete job {namespace}/{name}", self.custom.delete_namespaced_custom_object,
+                             GROUP, VERSION, namespace, PLURAL, name, body={"propagationPolicy": "Background"})
+        except NotFound:
+            pass
+
     async def patch_job_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         """Merge-patch the job's /status subresource."""
         what = f"patch status of {namespace}/{name}"

@@ -26,7 +26,7 @@ from lora_operator.spec import (
     parse_spec,
     to_train_config,
 )
-from lora_trainer.contract import ENV_ATTEMPT, ENV_CACHE_DIR, ENV_CONFIG
+from lora_trainer.contract import ENV_ATTEMPT, ENV_CACHE_DIR, ENV_CONFIG, ENV_RUN_ID
 
 TRAINER_UID = 1000
 COMMAND = ["lora-train"]
@@ -72,7 +72,7 @@ def owner_reference(job: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _env(spec: JobSpec, attempt: int) -> list[dict[str, Any]]:
+def _env(spec: JobSpec, attempt: int, run: str) -> list[dict[str, Any]]:
     config = to_train_config(spec)
     env: list[dict[str, Any]] = [
         {"name": ENV_CONFIG, "value": config.model_dump_json(exclude_none=True)},
@@ -81,6 +81,8 @@ def _env(spec: JobSpec, attempt: int) -> list[dict[str, Any]]:
         {"name": "HOME", "value": SCRATCH_DIR},
         {"name": "TMPDIR", "value": SCRATCH_DIR},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # Attempts count per job; the trainer continues the output's fence across jobs (re-apply).
+        {"name": ENV_RUN_ID, "value": run},
     ]
     storage = spec.storage
     if storage.credentials_secret:
@@ -139,7 +141,7 @@ def build_pod(job: Mapping[str, Any], attempt: int, settings: Settings, spec: Jo
         "name": TRAINER_CONTAINER,
         "image": spec.image or settings.trainer_image,
         "command": list(COMMAND),
-        "env": _env(spec, attempt),
+        "env": _env(spec, attempt, str(meta.get("uid") or "")),
         "resources": _resources(spec),
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {

@@ -34,9 +34,11 @@ from lora_operator.classify import (
     vanished,
 )
 from lora_operator.endpoints import ENDPOINT_NOT_ALLOWED
+from lora_operator.outputs import OUTPUT_IN_USE, OutputUse, in_use_message, output_holder, output_use
 from lora_operator.pods import build_pod, check_job_name, pod_name
 from lora_operator.settings import Settings, endpoint_refusal
 from lora_operator.spec import JobSpec, SpecError, parse_spec, to_train_config
+from lora_operator.ttl import TTL_EXPIRED, ttl_decision
 from lora_trainer.contract import LatestPointer, Progress
 
 KEEP_FINISHED_PODS = 2  # finished pods of the last attempts stay for `kubectl logs`
@@ -52,6 +54,8 @@ class Observed:
     progress: Progress | None = None
     latest: LatestPointer | None = None
     nodes_ready: Mapping[str, bool] = field(default_factory=dict)
+    # Other live jobs' outputs (the operator's cache), for the OutputInUse check.
+    output_users: Sequence[OutputUse] = ()
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,14 @@ class Event:
     message: str
 
 
-Action = CreatePod | DeletePod
+@dataclass(frozen=True)
+class DeleteJob:
+    """Delete the job itself (its TTL after finishing has passed); its pods go by owner references."""
+
+    reason: str = TTL_EXPIRED
+
+
+Action = CreatePod | DeletePod | DeleteJob
 
 
 @dataclass
@@ -102,7 +113,8 @@ class _Run:
         self.old = obs.job.get("status") or {}
         uid = self.meta.get("uid")
         self.pods = [p for p in obs.pods if is_owned_by(p, uid)]
-        self.foreign = {p["metadata"]["name"] for p in obs.pods if not is_owned_by(p, uid)}
+        self.foreign_pods = [p for p in obs.pods if not is_owned_by(p, uid)]
+        self.foreign = {p["metadata"]["name"] for p in self.foreign_pods}
         self.d = Decision(status=copy.deepcopy(dict(self.old)))
         self.s = self.d.status
         self.s.setdefault("attempt", 0)
@@ -307,6 +319,11 @@ class _Run:
         if due is not None and due > self.now:
             self.d.requeue((due - self.now).total_seconds())
             return
+        if self.output_in_use():
+            return
+        first = self.s["attempt"] == 0
+        if first and self.previous_run_stopping():
+            return
         attempt = self.s["attempt"] + 1
         if pod_name(self.name, attempt) in self.foreign:
             # A deleted job's pod still holds the name until the garbage collector removes it.
@@ -320,11 +337,37 @@ class _Run:
         self.s.pop("nextAttemptTime", None)
         self.s.setdefault("startTime", st.rfc3339(self.now))
         self.event("Normal", Reason.STARTING, f"created pod {pod_name(self.name, attempt)} (attempt {attempt})")
-        if attempt == 1:  # the AttemptStarted event says it: one Event per new job, not two (API writes at scale)
+        if first:  # the AttemptStarted event says it: one Event per new job, not two (API writes at scale)
             self.set_phase("Pending", Reason.WAITING, "waiting for the trainer pod to start", announce=False)
         else:
             self.set_phase("Recovering", self.s.get("reason") or Reason.WAITING,
                            f"attempt {attempt} started; it resumes from the latest checkpoint")
+
+    def output_in_use(self) -> bool:
+        """Another live job holds an overlapping output: start nothing (Stalled, OutputInUse)."""
+        me = output_use(self.obs.job)
+        holder = output_holder(me, self.obs.output_users) if me is not None else None
+        if me is None or holder is None:
+            return False
+        message = in_use_message(me, holder)
+        if self.s["attempt"] == 0:
+            self.set_phase("Pending", OUTPUT_IN_USE, message)
+        self.stalled = (OUTPUT_IN_USE, message)
+        self.d.requeue(self.settings.progress_interval)
+        return True
+
+    def previous_run_stopping(self) -> bool:
+        """Before the first pod: a live pod of a deleted job with the same name (a re-apply) gets time
+        to commit its SIGTERM checkpoint and exit, so the new run resumes from it. Bounded by
+        --terminating-grace from the job's creation (an orphaned pod would block forever); past it,
+        the trainers' fence keeps the older run from writing (see lora_trainer.checkpoint)."""
+        created = parse_time(self.meta.get("creationTimestamp")) or self.now
+        old = [p for p in self.foreign_pods if is_live(p)]
+        if not old or (self.now - created).total_seconds() >= self.settings.terminating_grace:
+            return False
+        self.wait_for_cluster(f"waiting for pod {old[0]['metadata']['name']} of a deleted job with the same name "
+                              "to stop (it commits a checkpoint first) and be garbage-collected")
+        return True
 
     def wait_for_cluster(self, message: str) -> None:
         """Nothing to do but wait a little for the cluster (not a user error: no Stalled)."""
@@ -342,9 +385,24 @@ class _Run:
             self.s["latestCheckpoint"] = new
             self.condition(st.CHECKPOINTED, True, Reason.CHECKPOINT, f"step {new['step']} at {new['uri']}")
 
+    def expire(self) -> None:
+        """A finished job past spec.ttlSecondsAfterFinished is deleted; until then, look again at expiry."""
+        ttl = (self.obs.job.get("spec") or {}).get("ttlSecondsAfterFinished")
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0:
+            return  # unset (or a value the schema would refuse): keep the job
+        due = ttl_decision(parse_time(self.s.get("completionTime")), ttl, self.now)
+        if due.delete and not any(isinstance(a, DeleteJob) for a in self.d.actions):
+            self.d.actions.append(DeleteJob())
+            self.event("Normal", TTL_EXPIRED, f"deleting the job {ttl}s after it finished "
+                       "(spec.ttlSecondsAfterFinished); its outputs stay in S3")
+        elif due.wait is not None:
+            self.d.requeue(due.wait)
+
     def finish(self) -> Decision:
         """Conditions from the phase, then observedGeneration: the status is complete."""
         ph = self.s.get("phase") or "Pending"
+        if ph in st.TERMINAL_PHASES:
+            self.expire()
         reason, message = self.s.get("reason") or Reason.WAITING, self.s.get("message") or ""
         if ph == "Succeeded":
             self.condition(st.READY, True, Reason.COMPLETED, message)

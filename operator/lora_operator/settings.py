@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     backoff_max: float = Field(600.0, ge=0, description="Longest wait between retries.")
     log_format: Literal["text", "json"] = Field("text", description="Operator log format.")
     liveness: str = Field("http://0.0.0.0:8080/healthz", description="Liveness endpoint URL; empty disables it.")
+    # Not 8080: Kopf's liveness endpoint listens there by default (the chart's healthPort).
+    metrics_port: int = Field(8000, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint; 0 disables it.")
+    metrics_address: str = Field("0.0.0.0", min_length=1, description="Address the /metrics endpoint listens on.")
     peering: str = Field("lora-operator", description="Kopf peering object name (two replicas, one active).")
     standalone: bool = Field(False, description="Run without peering.")
     priority: int | None = Field(
@@ -149,6 +152,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backoff-max", type=float, help="longest wait between retries, seconds")
     parser.add_argument("--log-format", choices=["text", "json"], help="log format")
     parser.add_argument("--liveness", help="liveness endpoint URL, e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--metrics-port", type=int,
+                        help="port of the Prometheus /metrics endpoint (LORA_OPERATOR_METRICS_PORT, default 8000; 0 disables)")
+    parser.add_argument("--metrics-address", help="address /metrics listens on (LORA_OPERATOR_METRICS_ADDRESS, default 0.0.0.0)")
     parser.add_argument("--peering", help="Kopf peering name for running two replicas safely")
     parser.add_argument("--standalone", action="store_true", default=None, help="run without peering")
     parser.add_argument("--priority", type=int,

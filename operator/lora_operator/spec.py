@@ -329,6 +329,11 @@ class JobSpec(_Spec):
     )
     service_account_name: str = Field("", max_length=253, description="Service account of the trainer pod; empty for default.")
     suspend: bool = Field(False, description="true stops the running pod (it checkpoints first); false resumes.")
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, le=2**31 - 1,
+        description="Delete the job (and its pods) this many seconds after it succeeded or failed, as "
+                    "Kubernetes Jobs do; the outputs in S3 stay. Unset keeps it.",
+    )
 
 
 def _camel_path(loc: tuple[Any, ...]) -> str:

@@ -82,7 +82,7 @@ LTJ, CORE, EVENTS_API, KOPF = "lora-operator.dev", "", "events.k8s.io", "kopf.de
 ALL_SECRETS = (frozenset({"get"}), ())
 # What the operator calls, in every namespace it serves. Exact: nothing more may be granted.
 EXPECTED_RULES = {
-    (LTJ, "loratrainingjobs"): (frozenset({"get", "list", "watch", "patch", "update"}), ()),
+    (LTJ, "loratrainingjobs"): (frozenset({"get", "list", "watch", "patch", "update", "delete"}), ()),
     (LTJ, "loratrainingjobs/status"): (frozenset({"get", "patch", "update"}), ()),
     (CORE, "pods"): (frozenset({"create", "delete", "get", "list", "watch", "patch"}), ()),
     (CORE, "events"): (frozenset({"create", "patch"}), ()),

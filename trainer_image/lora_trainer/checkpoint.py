@@ -23,6 +23,13 @@ Commit protocol and what it guarantees:
 4. Fencing: each attempt claims `attempts/<n>.json` at start. Before uploading, before the
    MANIFEST, before latest.json and before pruning, the committer re-reads the newest recorded
    attempt (claims, manifests, latest.json) and raises StaleAttempt if it is older.
+5. Runs: the operator numbers attempts per job (LORA_ATTEMPT 1, 2, ...) and names the job's uid
+   as the run (LORA_RUN_ID). A claim records both, and `fence_attempt` turns (run, attempt) into
+   the fencing number <n>: a run's first claim continues from the newest attempt recorded in the
+   output (so a deleted and re-applied job, a new run, fences out the old run's pods instead of
+   being fenced out by them, and resumes from its checkpoints); later claims of the same run keep
+   that offset, so within a run a higher attempt always fences out a lower one. Without a run
+   (lora-train by hand, older operators) LORA_ATTEMPT is the fencing number itself.
 
 The race that remains: S3 has no portable compare-and-swap (conditional writes differ between
 AWS, MinIO, R2 and GCS), so between a stale pod's last check and its next PUT (one request,
@@ -269,10 +276,57 @@ def check_not_stale(store: Store, attempt: int, when: str) -> list[ObjectInfo]:
     return infos
 
 
-def claim_attempt(store: Store, attempt: int) -> None:
-    """Record that `attempt` now owns the output; StaleAttempt if a newer one already does."""
+@dataclass(frozen=True)
+class Claim:
+    """What attempts/<n>.json says: fencing number `attempt`, and which run's `run_attempt` it was."""
+
+    attempt: int
+    run: str = ""
+    run_attempt: int = 0
+
+
+def fence_attempt(claims: Iterable[Claim], newest: int, run: str, run_attempt: int) -> int:
+    """The fencing number of attempt `run_attempt` of `run` (pure): the offset its run's claims
+    used, else the newest attempt recorded in the output (`newest`), plus `run_attempt`."""
+    ours = [c for c in claims if run and c.run == run]
+    if ours:
+        last = max(ours, key=lambda c: c.attempt)
+        return last.attempt - last.run_attempt + run_attempt
+    return newest + run_attempt
+
+
+def _read_claim(store: Store, info: ObjectInfo, attempt: int) -> Claim:
+    try:
+        body = json.loads(store.get_bytes(info.key))
+    except (NotFound, ValueError):
+        return Claim(attempt)
+    run, run_attempt = body.get("run"), body.get("run_attempt")
+    if not isinstance(run, str) or not isinstance(run_attempt, int) or isinstance(run_attempt, bool):
+        return Claim(attempt)  # a claim made without a run (by hand, or an older trainer)
+    return Claim(attempt, run, run_attempt)
+
+
+def run_fence(store: Store, run: str, run_attempt: int) -> int:
+    """`fence_attempt` against the output: reads the claims, newest first, until one of `run`."""
+    newest, infos = _scan(store)
+    claims = sorted(((a, info) for info in infos if (a := parse_attempt_key(info.key)) is not None),
+                    key=lambda pair: pair[0], reverse=True)
+    read = []
+    for attempt, info in claims:
+        read.append(_read_claim(store, info, attempt))
+        if read[-1].run == run:
+            break  # the run's newest claim fixes its offset; older claims cannot change it
+    fence = fence_attempt(read, newest, run, run_attempt)
+    log.info("attempt %d of run %s fences as attempt %d (newest recorded: %d)", run_attempt, run, fence, newest)
+    return fence
+
+
+def claim_attempt(store: Store, attempt: int, run: str = "", run_attempt: int = 0) -> None:
+    """Record that `attempt` (of `run`, if any) now owns the output; StaleAttempt if a newer one already does."""
     check_not_stale(store, attempt, "claiming the output")
-    body = {"attempt": attempt, "claimed": utcnow(), "host": socket.gethostname()}
+    body: dict[str, Any] = {"attempt": attempt, "claimed": utcnow(), "host": socket.gethostname()}
+    if run:
+        body.update(run=run, run_attempt=run_attempt)
     store.put_bytes(attempt_key(attempt), json.dumps(body).encode())
     log.info("attempt %d claimed %s", attempt, store.url(CHECKPOINTS_DIR))
 

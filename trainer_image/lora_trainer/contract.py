@@ -12,6 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field
 # Environment the operator sets on the trainer pod.
 ENV_CONFIG = "LORA_TRAIN_CONFIG"  # the resolved TrainConfig as JSON (used when --config is absent)
 ENV_ATTEMPT = "LORA_ATTEMPT"  # attempt number; fencing compares it with the output's newest
+# The run the attempt belongs to (the LoRATrainingJob's uid). With it, LORA_ATTEMPT counts within
+# the run and the fence continues from the newest attempt of earlier runs in the output, so a
+# deleted and re-applied job resumes instead of being fenced out (lora_trainer.checkpoint.fence_attempt).
+ENV_RUN_ID = "LORA_RUN_ID"
 ENV_TERMINATION_LOG = "LORA_TERMINATION_LOG"  # default /dev/termination-log
 ENV_CACHE_DIR = "LORA_CACHE_DIR"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"

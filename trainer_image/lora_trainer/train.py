@@ -93,15 +93,25 @@ def scratch_root(config: TrainConfig) -> Path:
     return cache_root(config) / "work" / config_hash(config)[:16]
 
 
+def run_identity() -> tuple[str, int]:
+    """(LORA_RUN_ID, LORA_ATTEMPT) when the operator names the run, else ("", 0)."""
+    run = os.environ.get(contract.ENV_RUN_ID, "")
+    raw = os.environ.get(contract.ENV_ATTEMPT, "")
+    return (run, int(raw)) if run and raw.isdigit() else ("", 0)
+
+
 def resolve_attempt(store: Store) -> int:
-    """LORA_ATTEMPT from the operator, else one more than the newest recorded in the output."""
+    """The fencing attempt: LORA_ATTEMPT continued across runs (LORA_RUN_ID, see
+    checkpoint.fence_attempt), else LORA_ATTEMPT, else one more than the newest in the output."""
     raw = os.environ.get(contract.ENV_ATTEMPT)
     if not raw:
         return checkpoint.next_attempt(store)
     try:
-        return int(raw)
+        attempt = int(raw)
     except ValueError:
         raise ConfigError(f"{contract.ENV_ATTEMPT}: {raw!r} is not an integer attempt number") from None
+    run = os.environ.get(contract.ENV_RUN_ID, "")
+    return checkpoint.run_fence(store, run, attempt) if run else attempt
 
 
 class Trainer:
@@ -218,7 +228,7 @@ class Trainer:
         c = self.config  # with the family's defaults: what is hashed, checked and backed up
         kinds = cache_kinds(c.cache_latents, c.cache_text_embeddings, family.cacheable(c))
         attempt = self._retrying("resolving the attempt", lambda: resolve_attempt(self.store))
-        self._retrying("claiming the output", lambda: checkpoint.claim_attempt(self.store, attempt))
+        self._retrying("claiming the output", lambda: checkpoint.claim_attempt(self.store, attempt, *run_identity()))
         optimizer = make_optimizer(params, c)
         lr_scheduler = make_lr_scheduler(optimizer, c, steps)
         use_scaler = parts.device.type == "cuda" and c.mixed_precision == "fp16"

@@ -93,7 +93,7 @@ tests/integration/test_chart.py.
 {{- define "lora-operator.rbacRules" -}}
 - apiGroups: ["lora-operator.dev"]
   resources: ["loratrainingjobs"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch", "update", "delete"]  # delete: spec.ttlSecondsAfterFinished
 - apiGroups: ["lora-operator.dev"]
   resources: ["loratrainingjobs/status"]
   verbs: ["get", "patch", "update"]
