@@ -195,6 +195,12 @@ class TrainConfig(_Model):
     lora_rank: Rank = 8
     lora_alpha: Alpha | None = None
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    init_lora: str | None = Field(
+        None, min_length=1,
+        description="Start from this LoRA instead of a fresh one: a .safetensors file in diffusers or kohya format "
+        "(local path, file://, or s3://); it must have the run's rank and target modules (else exit 78). "
+        "Its sha256 joins the config hash, so a resume refuses a changed file.",
+    )
     target_modules: list[str] | None = Field(
         None,
         min_length=1,
@@ -276,6 +282,18 @@ class TrainConfig(_Model):
             raise ValueError(problem)
         return normalise_s3_uri(value)
 
+    @field_validator("init_lora")
+    @classmethod
+    def _init_lora_file(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if problem := s3_uri_problem(value):
+            raise ValueError(problem)
+        if not value.rstrip("/").lower().endswith(".safetensors"):
+            raise ValueError("a LoRA is read from one .safetensors file only (no pickle); "
+                             "point it at e.g. pytorch_lora_weights_kohya.safetensors")
+        return normalise_s3_uri(value)
+
     @field_validator("base_model")
     @classmethod
     def _no_pickle(cls, value: str) -> str:
@@ -348,6 +366,8 @@ def place_problems(config: TrainConfig, resolve: bool = False) -> list[str]:
     inputs.append(("base_model", config.base_model))
     if config.base_model_config:
         inputs.append(("base_model_config", config.base_model_config))
+    if config.init_lora:
+        inputs.append(("init_lora", config.init_lora))
     pairs = [("output_dir", config.output_dir, name, value) for name, value in inputs]
     if config.work_dir:
         pairs += [("work_dir", config.work_dir, name, value)
@@ -362,7 +382,7 @@ TRAINING_FIELDS: tuple[str, ...] = (
     "train_text_encoder", "text_encoder_target_modules", "batch_size", "gradient_accumulation_steps",
     "epochs", "max_train_steps", "learning_rate", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps",
     "lr_num_cycles", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-    "mixed_precision", "noise_offset", "seed", "optimizer", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
+    "mixed_precision", "noise_offset", "seed", "optimizer", "init_lora", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
     "bucket_reso_steps", "cache_latents", "cache_text_embeddings",
     "train_file", "eval_fraction", "max_seq_length", "packing", "lora_target_mlp", "load_in_4bit",
 )
@@ -370,29 +390,36 @@ TRAINING_FIELDS: tuple[str, ...] = (
 # Training fields added after checkpoints existed: a manifest without one was made with this value.
 ADDED_FIELD_DEFAULTS: dict[str, Any] = {
     "optimizer": "adamw", "enable_bucket": False, "min_bucket_reso": 256, "max_bucket_reso": 1024,
-    "bucket_reso_steps": 64, "cache_latents": False, "cache_text_embeddings": False,
+    "bucket_reso_steps": 64, "cache_latents": False, "cache_text_embeddings": False, "init_lora": None,
     "train_file": None, "eval_fraction": None, "max_seq_length": 1024, "packing": False,
     "lora_target_mlp": False, "load_in_4bit": False,
 }
 
 
 BASE_MODEL_SHA256 = "base_model_sha256"  # joins the training fields for a single-file base_model
+INIT_LORA_SHA256 = "init_lora_sha256"  # joins them for an init_lora file
 
 
-def training_fields(config: TrainConfig, base_model_sha256: str | None = None) -> dict[str, Any]:
+def training_fields(
+    config: TrainConfig, base_model_sha256: str | None = None, init_lora_sha256: str | None = None
+) -> dict[str, Any]:
     """The training-defining subset of a config, as plain JSON data.
 
-    A single-file base model's content hash joins them, so a changed file refuses resume."""
+    A single-file base model's and an init_lora file's content hashes join them, so a changed file refuses resume."""
     data = config.model_dump(mode="json")
     fields = {name: data[name] for name in TRAINING_FIELDS}
     if base_model_sha256:
         fields[BASE_MODEL_SHA256] = base_model_sha256
+    if init_lora_sha256:
+        fields[INIT_LORA_SHA256] = init_lora_sha256
     return fields
 
 
-def config_hash(config: TrainConfig, base_model_sha256: str | None = None) -> str:
+def config_hash(
+    config: TrainConfig, base_model_sha256: str | None = None, init_lora_sha256: str | None = None
+) -> str:
     """sha256 of the training-defining fields: equal hashes mean a resume trains the same thing."""
-    canonical = json.dumps(training_fields(config, base_model_sha256), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(training_fields(config, base_model_sha256, init_lora_sha256), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -404,9 +431,9 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     for name in sorted(set(old) | set(new)):
         if old.get(name, ADDED_FIELD_DEFAULTS.get(name)) == new.get(name, ADDED_FIELD_DEFAULTS.get(name)):
             continue
-        if name == BASE_MODEL_SHA256:
+        if name in (BASE_MODEL_SHA256, INIT_LORA_SHA256):
             was, now = (str(d.get(name) or "none")[:12] for d in (old, new))
-            name = f"base_model (file content, sha256 {was}... -> {now}...)"
+            name = f"{name.removesuffix('_sha256')} (file content, sha256 {was}... -> {now}...)"
         out.append(name)
     return sorted(set(out))
 
@@ -414,7 +441,7 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 # Local paths resolved when a run starts; metadata_path is resolved after train_data_dir.
 LOCAL_PATH_FIELDS: tuple[str, ...] = (
     "base_model", "base_model_config", "train_data_dir", "train_file", "eval_file", "output_dir", "cache_dir",
-    "work_dir",
+    "work_dir", "init_lora",
 )
 
 

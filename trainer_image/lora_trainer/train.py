@@ -9,6 +9,7 @@ budget and raises `Preempted` (exit 75).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from lora_trainer.data import Position
 from lora_trainer.dataset import Dataset, open_dataset
 from lora_trainer.errors import ConfigError, DatasetError, InputMissing, Preempted, ResumeRefused, UserError
 from lora_trainer.fetch import fetch_file
+from lora_trainer.oom import oom_advice
 from lora_trainer.paths import shorten
 from lora_trainer.progress import ProgressReporter
 from lora_trainer.signals import StopFlag
@@ -68,6 +70,15 @@ from lora_trainer.workdir import prepare_work_dir
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_SECONDS = 5.0
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a local file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -128,6 +139,7 @@ class Trainer:
         self.hash = config_hash(config)
         self.fields = training_fields(config)
         self.cache: EncodeCache | None = None  # set when the run caches model inputs
+        self.init_sha: str | None = None  # sha256 of the init_lora file, once fetched
 
     def _retrying(self, label: str, fn):
         """Start-up storage calls ride out a flaky store like background uploads do."""
@@ -178,7 +190,7 @@ class Trainer:
             check_task(info, c.task, c.base_model)
         lm = read_lm_config(folder) if info.data == "text" else None
         self.config = c = with_family_defaults(c, info, lm.model_type if lm else None)
-        self.fields, self.hash = training_fields(c, sha), config_hash(c, sha)
+        self.fields, self.hash = training_fields(c, sha, self.init_sha), config_hash(c, sha, self.init_sha)
         return folder, info
 
     def _fetch_data(self, field_name: str, uri: str, single_file: bool) -> Path:
@@ -193,6 +205,7 @@ class Trainer:
         # only the cache (an emptyDir) is writable; a second attempt on the node reuses them.
         cache = cache_root(self.config) / "inputs"
         c = self.config
+        init = self._fetch_init_lora(cache) if c.init_lora else None  # a missing file fails before the model loads
         if is_single_file(c.base_model):
             model = self._fetch_file("base_model", c.base_model, cache)
         else:
@@ -203,7 +216,22 @@ class Trainer:
         family = load_family(info)
         parts = family.load(model_dir, c)
         params = family.add_lora(parts, c)
+        if init is not None:
+            self._load_init_lora(family, parts, init)
         return family, parts, params, data, total_steps(c, data.size)
+
+    def _fetch_init_lora(self, cache: Path) -> Path:
+        """The init_lora file in the local cache; its sha256 joins the training fields (set in _model_dir)."""
+        path = self._fetch_file("init_lora", self.config.init_lora, cache)
+        self.init_sha = file_sha256(path)
+        return path
+
+    def _load_init_lora(self, family: Family, parts: Parts, path: Path) -> None:
+        """Start from the init_lora file: the family copies it into the adapters add_lora made."""
+        load = getattr(family, "load_lora", None)
+        if load is None:
+            raise ConfigError(f"init_lora: the {family.info.title} family cannot start from a LoRA file yet; remove init_lora")
+        load(parts, self.config, path)
 
     def run(self) -> RunResult:
         """Train to the end (or until stopped) and return what was done."""
@@ -296,7 +324,8 @@ class Trainer:
             while step < steps:
                 if self.stop.requested:
                     break
-                out = train_step(family, parts, c, stream, params, optimizer, lr_scheduler, scaler, step, self.cache)
+                with oom_advice(c, step + 1, str(parts.device)):  # exit 71 naming the settings to lower
+                    out = train_step(family, parts, c, stream, params, optimizer, lr_scheduler, scaler, step, self.cache)
                 step += 1
                 result.losses[step] = out.loss
                 eval_loss = None

@@ -34,6 +34,7 @@ from lora_trainer.export import (
     peft_state,
     save_kohya_file,
 )
+from lora_trainer.initlora import load_init_lora
 from lora_trainer.model import (
     add_denoiser_lora,
     add_text_encoder_lora,
@@ -43,6 +44,7 @@ from lora_trainer.model import (
     trainable_params,
     weight_dtype_for,
 )
+from lora_trainer.paths import shorten
 from lora_trainer.tasks import REGISTRY
 
 
@@ -231,6 +233,12 @@ class StableDiffusion:
             text_encoder_lora_adapter_metadata=adapter_metadata(te) if te is not None else None,
         )
         return canonicalize_safetensors(path)
+
+    def load_lora(self, parts: Components, config: TrainConfig, path: Path) -> None:
+        """init_lora: a diffusers or kohya (lora_unet_, lora_te_) SD LoRA into the run's adapters."""
+        te = parts.text_encoder if config.train_text_encoder else None
+        load_init_lora(path, StableDiffusionPipeline, {"unet": parts.unet, "text_encoder": te},
+                       config.lora_rank, config.alpha, shorten(config.init_lora or str(path)))
 
     def export(self, parts: Components, config: TrainConfig, folder: Path) -> list[tuple[Path, str]]:
         """Final files: diffusers and kohya/WebUI formats."""

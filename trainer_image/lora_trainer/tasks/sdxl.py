@@ -32,6 +32,7 @@ from lora_trainer.export import (
     peft_state,
     save_kohya_file,
 )
+from lora_trainer.initlora import load_init_lora
 from lora_trainer.model import (
     add_denoiser_lora,
     add_text_encoder_lora,
@@ -41,6 +42,7 @@ from lora_trainer.model import (
     trainable_params,
     weight_dtype_for,
 )
+from lora_trainer.paths import shorten
 from lora_trainer.tasks import REGISTRY
 from lora_trainer.tasks.sd import autocast_for, cached_latents, denoising_loss, vae_latents
 
@@ -220,6 +222,15 @@ class StableDiffusionXL:
             text_encoder_2_lora_adapter_metadata=adapter_metadata(te2) if te2 is not None else None,
         )
         return canonicalize_safetensors(path)
+
+    def load_lora(self, parts: Components, config: TrainConfig, path: Path) -> None:
+        """init_lora: a diffusers or kohya (lora_unet_, lora_te1_, lora_te2_) SDXL LoRA into the run's adapters;
+        kohya files named after the original UNet blocks are mapped with this UNet's config."""
+        te1, te2 = self._encoders(parts, config)
+        load_init_lora(path, StableDiffusionXLPipeline,
+                       {"unet": parts.unet, "text_encoder": te1, "text_encoder_2": te2},
+                       config.lora_rank, config.alpha, shorten(config.init_lora or str(path)),
+                       unet_config=parts.unet.config)
 
     def export(self, parts: Components, config: TrainConfig, folder: Path) -> list[tuple[Path, str]]:
         """Final files: diffusers and kohya/WebUI formats."""
