@@ -174,7 +174,7 @@ class _Run:
         if refusal:  # before any pod: neither the trainer nor the operator may reach it
             self.fail(ENDPOINT_NOT_ALLOWED, refusal)
             return self.finish()
-        self.s["outputs"] = st.outputs(spec.output.uri)
+        self.s["outputs"] = st.outputs(spec.output.uri, spec.task, spec.output.merge)
         self.check_current(spec)
         if self.s.get("phase") not in st.TERMINAL_PHASES:
             if self.adopt_next():

@@ -34,6 +34,12 @@ from lora_trainer.contract import (
     Progress,
 )
 
+CAUSAL_LM = "causal-lm"
+# The causal-lm family's files (lora_trainer.tasks.causal_lm, which imports torch: the operator image
+# has none); PEFT_ADAPTER_WEIGHTS is peft's SAFETENSORS_WEIGHTS_NAME. A unit test keeps them in step.
+PEFT_ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MERGED_DIR = "merged"
+
 Phase = Literal["Pending", "Running", "Recovering", "Suspended", "Succeeded", "Failed"]
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
@@ -98,8 +104,19 @@ class CheckpointStatus(_Status):
 class OutputStatus(_Status):
     """Where the results are (or will be)."""
 
-    weights: str = Field(max_length=MAX_URI, description="Final LoRA in diffusers format.")
-    kohya_weights: str = Field(max_length=MAX_URI, description="Final LoRA in kohya/WebUI format.")
+    weights: str = Field(
+        max_length=MAX_URI, description="Final LoRA: diffusers format (text-to-image); the PEFT adapter's weights "
+        "(causal-lm).",
+    )
+    kohya_weights: str | None = Field(None, max_length=MAX_URI, description="Final LoRA in kohya/WebUI format (text-to-image).")
+    adapter: str | None = Field(
+        None, max_length=MAX_URI, description="causal-lm: the PEFT adapter folder (adapter_config.json, "
+        "adapter_model.safetensors) for PeftModel.from_pretrained and vLLM's LoRA support.",
+    )
+    merged: str | None = Field(
+        None, max_length=MAX_URI, description="causal-lm with spec.output.merge: the base with the LoRA merged in "
+        "(a transformers folder, safetensors).",
+    )
     checkpoints: str = Field(max_length=MAX_URI, description="Folder of resumable checkpoints and intermediate LoRAs.")
     logs: str = Field(max_length=MAX_URI, description="TensorBoard events and train.log.")
 
@@ -180,13 +197,16 @@ def join_uri(root: str, rel: str) -> str:
     return root.rstrip("/") + "/" + rel.lstrip("/")
 
 
-def outputs(output_uri: str) -> dict[str, str]:
-    """The output URIs the job's status lists."""
+def outputs(output_uri: str, task: str = "text-to-image", merge: bool = False) -> dict[str, str]:
+    """The output URIs the job's status lists; the task decides which files the weights are."""
+    folders = {"checkpoints": join_uri(output_uri, CHECKPOINTS_DIR) + "/", "logs": join_uri(output_uri, LOGS_DIR) + "/"}
+    if task == CAUSAL_LM:
+        out = {"weights": join_uri(output_uri, PEFT_ADAPTER_WEIGHTS), "adapter": output_uri.rstrip("/") + "/"}
+        return {**out, **({"merged": join_uri(output_uri, MERGED_DIR) + "/"} if merge else {}), **folders}
     return {
         "weights": join_uri(output_uri, FINAL_WEIGHTS),
         "kohyaWeights": join_uri(output_uri, FINAL_WEIGHTS_KOHYA),
-        "checkpoints": join_uri(output_uri, CHECKPOINTS_DIR) + "/",
-        "logs": join_uri(output_uri, LOGS_DIR) + "/",
+        **folders,
     }
 
 

@@ -4,6 +4,8 @@ Behaviours tested:
 - set_condition keeps lastTransitionTime when only reason/message change, moves it when the
   status flips, and stamps observedGeneration;
 - progress.json and latest.json render into status.progress / status.latestCheckpoint;
+- status.outputs names the task's files: diffusers + kohya weights (text-to-image), the PEFT adapter
+  folder and its weights, and merged/ with output.merge (causal-lm);
 - merge_patch produces the smallest RFC 7386 patch (None deletes, lists replaced);
 - bounding (table-driven): reasons become metav1.Condition CamelCase of at most 1024 bytes,
   messages lose control characters and fit 32768 bytes, URIs are normalised; a status with a
@@ -25,8 +27,11 @@ from lora_operator.emulator.schema import validate
 from lora_operator.status import (
     MAX_MESSAGE,
     MAX_REASON,
+    MERGED_DIR,
+    PEFT_ADAPTER_WEIGHTS,
     REASON_PATTERN,
     STATUS_REJECTED,
+    OutputStatus,
     bound_status,
     checkpoint_status,
     clean_message,
@@ -83,6 +88,27 @@ def test_outputs() -> None:
         "checkpoints": "s3://b/out/checkpoints/",
         "logs": "s3://b/out/logs/",
     }
+
+
+@pytest.mark.parametrize(("task", "merge", "expected"), [
+    ("causal-lm", False, {"weights": "s3://b/out/adapter_model.safetensors", "adapter": "s3://b/out/",
+                          "checkpoints": "s3://b/out/checkpoints/", "logs": "s3://b/out/logs/"}),
+    ("causal-lm", True, {"weights": "s3://b/out/adapter_model.safetensors", "adapter": "s3://b/out/",
+                         "merged": "s3://b/out/merged/", "checkpoints": "s3://b/out/checkpoints/",
+                         "logs": "s3://b/out/logs/"}),
+    ("text-to-image", False, {"weights": "s3://b/out/pytorch_lora_weights.safetensors",
+                              "kohyaWeights": "s3://b/out/pytorch_lora_weights_kohya.safetensors",
+                              "checkpoints": "s3://b/out/checkpoints/", "logs": "s3://b/out/logs/"}),
+])
+def test_outputs_per_task(task: str, merge: bool, expected: dict[str, str]) -> None:
+    assert outputs("s3://b/out/", task, merge) == expected
+    assert OutputStatus.model_validate(expected)
+
+
+def test_causal_lm_file_names_are_the_trainers() -> None:
+    from lora_trainer.tasks import causal_lm
+
+    assert (PEFT_ADAPTER_WEIGHTS, MERGED_DIR) == (causal_lm.ADAPTER_WEIGHTS, causal_lm.MERGED_DIR)
 
 
 def test_merge_patch() -> None:
