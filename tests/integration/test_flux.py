@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -71,17 +72,23 @@ def test_flux_trains_with_the_sd_keys(trained: Path) -> None:
     assert state == ["lora_text_encoder.safetensors", "lora_transformer.safetensors"]
 
 
-def test_lora_reaches_both_block_kinds_and_clip_only(trained: Path) -> None:
+def test_lora_reaches_both_streams_and_clip_only(trained: Path) -> None:
+    """target_modules unset: the family's default, both streams' attention in both block kinds."""
     keys = load_file(str(trained / contract.FINAL_WEIGHTS)).keys()
-    assert any(k.startswith("transformer.transformer_blocks.0.attn.to_out.0.") for k in keys)
-    assert any(k.startswith("transformer.single_transformer_blocks.0.attn.to_q.") for k in keys)
+    modules = {re.sub(r"\.lora(_[AB]|\.up|\.down)\.weight$", "", k.removeprefix("transformer."))
+               for k in keys if k.startswith("transformer.")}
+    double = {m.removeprefix("transformer_blocks.0.attn.") for m in modules if m.startswith("transformer_blocks.")}
+    single = {m.removeprefix("single_transformer_blocks.0.attn.") for m in modules if m.startswith("single_")}
+    assert double == {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}
+    assert single == {"to_q", "to_k", "to_v"}
     assert any(k.startswith("text_encoder.") for k in keys)
     assert not any(k.startswith("text_encoder_2.") for k in keys)  # T5 stays frozen
 
 
 def test_kohya_keys_use_the_transformer_naming(trained: Path) -> None:
     state = load_file(str(trained / contract.FINAL_WEIGHTS_KOHYA))
-    for prefix in ("lora_transformer_transformer_blocks_0_attn_to_q", "lora_transformer_single_transformer_blocks_0_",
+    for prefix in ("lora_transformer_transformer_blocks_0_attn_to_q", "lora_transformer_transformer_blocks_0_attn_add_q_proj",
+                   "lora_transformer_transformer_blocks_0_attn_to_add_out", "lora_transformer_single_transformer_blocks_0_",
                    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"):
         assert any(k.startswith(prefix) and k.endswith(".lora_down.weight") for k in state), prefix
     assert not any(k.startswith("lora_unet_") for k in state)

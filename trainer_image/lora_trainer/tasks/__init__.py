@@ -12,8 +12,6 @@ The loop (train.py), checkpointing, storage, progress and the operator know only
     loss(parts, config, inputs, g) -> tensor   model inputs -> the training loss
     save_lora(parts, config, path)             the LoRA in its primary (diffusers) format
     export(parts, config, folder)              the final files, as (path, name in the output)
-    load_lora(parts, config, path)             optional: init_lora, an existing LoRA file copied into the
-                                               adapters add_lora made (ConfigError, exit 78, on a mismatch)
     save_intermediate(parts, config, folder, step)   optional: the LoRA users can try from step N, as
                                                (path, name) pairs; without it, save_lora's file under
                                                checkpoints/ (see `intermediate_files`)
@@ -77,7 +75,6 @@ class Family(Protocol):
     def loss(self, parts: Any, config: TrainConfig, inputs: Any, g: torch.Generator) -> torch.Tensor: ...
     def save_lora(self, parts: Any, config: TrainConfig, path: Path) -> Path: ...
     def export(self, parts: Any, config: TrainConfig, folder: Path) -> list[tuple[Path, str]]: ...
-    def load_lora(self, parts: Any, config: TrainConfig, path: Path) -> None: ...
 
 
 def unet_targets() -> list[str]:
@@ -112,7 +109,9 @@ REGISTRY: dict[str, FamilyInfo] = {
         FamilyInfo("sdxl", "SDXL", ("StableDiffusionXLPipeline",), ("sdxl",),
                    "StableDiffusionXLPipeline", "lora_trainer.tasks.sdxl", default_resolution=1024),
         FamilyInfo("flux", "Flux", ("FluxPipeline",), (), "FluxPipeline", "lora_trainer.tasks.flux",
-                   default_resolution=1024),
+                   default_resolution=1024,  # both streams' attention; the feed-forward is opt-in
+                   targets=lambda _type, _mlp: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                                "add_v_proj", "to_add_out"]),
         FamilyInfo("causal-lm", "causal language model", (), (), "", "lora_trainer.tasks.causal_lm",
                    task="causal-lm", data="text", targets=default_targets),
     )

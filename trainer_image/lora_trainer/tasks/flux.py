@@ -10,9 +10,11 @@ the resolution the pipeline samples with: mu = calculate_shift(packed image toke
 e^mu / (e^mu + 1/sigma - 1) (`resolution_sigma`); x_t = (1 - sigma) z + sigma noise, packed into
 2x2 patches; guidance = GUIDANCE_SCALE (the script's default) when the transformer has
 guidance_embeds; the target is noise - z and the loss its mean squared error.
-LoRA on the transformer (`target_modules`: to_q, to_k, to_v, to_out.0 reach both stream's attention;
-add add_q_proj, add_k_proj, add_v_proj, to_add_out, ff.net.0.proj, proj_mlp... for more), and on the
-CLIP text encoder with train_text_encoder. T5 stays frozen.
+LoRA on the transformer: `target_modules` unset takes the registry's Flux default, both streams'
+attention (to_q, to_k, to_v, to_out.0 on the image stream and the single blocks; add_q_proj,
+add_k_proj, add_v_proj, to_add_out on the text stream); feed-forward layers (ff.net.0.proj, ff.net.2,
+ff_context.net.0.proj, ff_context.net.2, proj_mlp, proj_out) train when listed. With
+train_text_encoder, LoRA on the CLIP text encoder too; T5 stays frozen.
 
 Exports: `pytorch_lora_weights.safetensors` (FluxPipeline.load_lora_weights) and
 `pytorch_lora_weights_kohya.safetensors` in the OneTrainer/ComfyUI naming
