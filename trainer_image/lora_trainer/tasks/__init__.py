@@ -12,6 +12,8 @@ The loop (train.py), checkpointing, storage, progress and the operator know only
     loss(parts, config, inputs, g) -> tensor   model inputs -> the training loss
     save_lora(parts, config, path)             the LoRA in its primary (diffusers) format
     export(parts, config, folder)              the final files, as (path, name in the output)
+    load_lora(parts, config, path)             optional: init_lora, an existing LoRA file copied into the
+                                               adapters add_lora made (ConfigError, exit 78, on a mismatch)
     save_intermediate(parts, config, folder, step)   optional: the LoRA users can try from step N, as
                                                (path, name) pairs; without it, save_lora's file under
                                                checkpoints/ (see `intermediate_files`)
@@ -75,6 +77,7 @@ class Family(Protocol):
     def loss(self, parts: Any, config: TrainConfig, inputs: Any, g: torch.Generator) -> torch.Tensor: ...
     def save_lora(self, parts: Any, config: TrainConfig, path: Path) -> Path: ...
     def export(self, parts: Any, config: TrainConfig, folder: Path) -> list[tuple[Path, str]]: ...
+    def load_lora(self, parts: Any, config: TrainConfig, path: Path) -> None: ...
 
 
 def unet_targets() -> list[str]:
