@@ -5,6 +5,13 @@ encoder's pooled (projected) embedding, and `add_time_ids` per sample = original
 crop top-left (top, left) and target size, from the real image sizes and crops (data.ImageBatch).
 LoRA on the UNet, and on both text encoders with train_text_encoder.
 
+Crop top-left of a flipped image: the corner of the crop in the resized image the model sees, i.e.
+mirrored: a crop at `left` in a resized image `W` wide reports `W - left - crop_width` once flipped
+(data.load_image_cropped, buckets.load_image_bucket). diffusers' train_text_to_image_lora_sdxl.py
+flips the resized image before it crops, so its `x1` is the same number. Not followed: diffusers'
+train_lcm_distill_lora_sdxl.py sets `x1 = image.width - x1` after cropping, where `image.width` is
+already the crop's width, so the result is no corner of the resized image.
+
 Exports: `pytorch_lora_weights.safetensors` (StableDiffusionXLPipeline.load_lora_weights) and
 `pytorch_lora_weights_kohya.safetensors` (`lora_unet_*`, `lora_te1_text_model_*`,
 `lora_te2_text_model_*`, with alpha) as A1111/Forge/ComfyUI read SDXL LoRAs.
