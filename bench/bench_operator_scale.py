@@ -59,13 +59,14 @@ NAMESPACE = "bench"
 JOB_LABEL = "lora-operator.dev/job"
 CRD_FILE = ROOT / "crds" / "loratrainingjobs.lora-operator.dev.yaml"
 PROGRESS_INTERVAL = 15
+TINY_SPEC = yaml.safe_load((ROOT / "examples" / "tiny-job.yaml").read_text())["spec"]
 
 
 def job(name: str) -> dict[str, Any]:
     """A LoRATrainingJob from examples/tiny-job.yaml under a new name."""
     return {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "LoRATrainingJob", "metadata": {"name": name},
-        "spec": yaml.safe_load((ROOT / "examples" / "tiny-job.yaml").read_text())["spec"],
+        "spec": {**TINY_SPEC, "output": {"uri": f"s3://lora-demo/outputs/{name}/"}},  # one output each (OutputInUse)
     }
 
 

@@ -98,8 +98,12 @@ class ObjectCache:
             self.jobs[key] = job
 
     def drop_job(self, namespace: str, name: str) -> None:
-        for table in (self.jobs, self.pods, self.gone):
-            table.pop((namespace, name), None)
+        # Its pods stay until their own DELETED events: a job re-applied under the same name must
+        # see the old run's pods (still stopping) on its first, cached, pass.
+        self.jobs.pop((namespace, name), None)
+        if not self.pods.get((namespace, name)):
+            self.pods.pop((namespace, name), None)
+            self.gone.pop((namespace, name), None)
 
     def put_pod(self, pod: Mapping[str, Any]) -> None:
         meta = pod.get("metadata") or {}

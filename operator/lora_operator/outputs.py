@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from lora_operator.spec import overlap
@@ -62,10 +63,15 @@ def output_use(job: Mapping[str, Any]) -> OutputUse | None:
     )
 
 
+@lru_cache(maxsize=8192)  # every idle job's pass compares against every live job: parse each URI once
+def _overlaps(a: str, b: str) -> bool:
+    return overlap(a, b) is not None
+
+
 def output_holder(me: OutputUse, others: Iterable[OutputUse]) -> OutputUse | None:
     """The live job that holds an output overlapping `me`'s and ranks before it; None if free."""
     holders = [o for o in others
-               if o.ref != me.ref and o.store == me.store and o.rank < me.rank and overlap(me.uri, o.uri)]
+               if o.store == me.store and o.rank < me.rank and o.ref != me.ref and _overlaps(me.uri, o.uri)]
     return min(holders, key=lambda o: o.rank, default=None)
 
 

@@ -63,6 +63,7 @@ def operator(kube_api: KubeTarget, namespace: str, **overrides: Any) -> Iterator
         "progress_interval": 1.0, "pending_deadline": 2.0, "terminating_grace": 1.0,
         "backoff_base": 0.2, "backoff_max": 1.0,
         "allowed_endpoints": ["*", "127.0.0.1"],  # the tests' S3 listens on 127.0.0.1 (refused by default)
+        "metrics_port": 0,  # tests that scrape /metrics pick a free port
         **overrides,
     })
     stop, ready = threading.Event(), threading.Event()
@@ -287,8 +288,8 @@ def test_pod_stuck_terminating_on_lost_node_is_force_deleted(kube_api: KubeTarge
     c.add_node(healthy, ready=True)
     try:
         with operator(kube_api, c.ns, terminating_grace=1.0):
-            c.create_job("stranded", job_spec())
-            c.create_job("slow-stop", job_spec())
+            c.create_job("stranded", job_spec(output={"uri": "s3://b/outputs/stranded/"}))
+            c.create_job("slow-stop", job_spec(output={"uri": "s3://b/outputs/slow-stop/"}))  # one output each
             eventually(lambda: _assert(c.pods("stranded") == ["stranded-a1"] and c.pods("slow-stop") == ["slow-stop-a1"]), 20)
             c.run("stranded-a1", node=lost)
             c.run("slow-stop-a1", node=healthy)
