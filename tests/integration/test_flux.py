@@ -4,6 +4,7 @@ Behaviours tested:
 - a Flux folder trains with the same config keys as SD (base_model is all that changes), with LoRA
   on the transformer and the CLIP text encoder (T5 frozen); the output folder has the same layout;
 - both exports load with FluxPipeline.load_lora_weights, change the image, and give the same image;
+  init_lora reads either back into fresh adapters (the diffusers file bit for bit);
   the kohya file uses lora_transformer_ / lora_te1_ keys with the run's alpha and no lora_unet_ keys;
 - a run stopped as on SIGTERM (checkpoint committed, exit 75) and resumed ends with final weights
   sha256-equal to an uninterrupted run's; with latent and text caches too;
@@ -28,6 +29,7 @@ from lora_trainer import contract
 from lora_trainer.config import parse_config
 from lora_trainer.errors import EXIT_CONFIG, EXIT_PREEMPTED, ConfigError, Preempted
 from lora_trainer.signals import StopFlag
+from lora_trainer.tasks import REGISTRY, load_family
 from lora_trainer.tasks.flux import check_resolution, resolution_sigma
 from lora_trainer.tiny_flux import T5_MAX_LENGTH as TINY_T5_LENGTH
 from lora_trainer.tiny_flux import build_tiny_flux
@@ -115,6 +117,29 @@ def test_both_exports_load_and_give_the_same_image(trained: Path, tiny_flux: Pat
     with_kohya = render(pipe)
     assert np.abs(with_diffusers - plain).max() > 1e-3
     np.testing.assert_allclose(with_kohya, with_diffusers, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [contract.FINAL_WEIGHTS, contract.FINAL_WEIGHTS_KOHYA])
+def test_init_lora_reads_both_exports_back(name: str, trained: Path, tiny_flux: Path, tiny_data: Path,
+                                           tmp_path: Path) -> None:
+    """init_lora from either file: fresh adapters then hold the trained weights (the diffusers file bit for bit)."""
+    config = flux_config(tiny_flux, tiny_data, tmp_path / "out", init_lora=str(trained / name))
+    config = config.model_copy(update={"target_modules": REGISTRY["flux"].targets(None, False)})
+    family = load_family(REGISTRY["flux"])
+    parts = family.load(tiny_flux, config)
+    family.add_lora(parts, config)
+    family.load_lora(parts, config, trained / name)
+    again = family.save_lora(parts, config, tmp_path / "again.safetensors")
+    if name == contract.FINAL_WEIGHTS:
+        assert sha(again) == sha(trained / name)
+        return
+    want, got = load_file(str(trained / contract.FINAL_WEIGHTS)), load_file(str(again))
+    assert want.keys() == got.keys()
+    # diffusers' reader folds the named file's alpha into the down weights, lora-train scales the up
+    # weights back for the run's alpha: the same update (up @ down) per module, not the same factors.
+    for down in (k for k in want if ".lora_A." in k or ".lora.down." in k):
+        up = down.replace(".lora_A.", ".lora_B.").replace(".lora.down.", ".lora.up.")
+        torch.testing.assert_close(got[up] @ got[down], want[up] @ want[down], rtol=1e-5, atol=1e-7)
 
 
 class StopAfter(StopFlag):

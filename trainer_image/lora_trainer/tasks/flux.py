@@ -47,6 +47,7 @@ from lora_trainer.config import TrainConfig
 from lora_trainer.data import ImageBatch
 from lora_trainer.errors import ConfigError, InputMissing
 from lora_trainer.export import adapter_metadata, canonicalize_safetensors, peft_state, save_kohya_file
+from lora_trainer.initlora import load_init_lora
 from lora_trainer.model import (
     add_denoiser_lora,
     add_text_encoder_lora,
@@ -56,6 +57,7 @@ from lora_trainer.model import (
     trainable_params,
     weight_dtype_for,
 )
+from lora_trainer.paths import shorten
 from lora_trainer.tasks import REGISTRY
 from lora_trainer.tasks.sd import autocast_for, cached_latents, vae_latents
 
@@ -283,6 +285,14 @@ class Flux:
             text_encoder_lora_adapter_metadata=adapter_metadata(te) if te is not None else None,
         )
         return canonicalize_safetensors(path)
+
+    def load_lora(self, parts: Components, config: TrainConfig, path: Path) -> None:
+        """init_lora: a diffusers or OneTrainer/ComfyUI-named (lora_transformer_, lora_te1_) Flux LoRA into
+        the run's adapters (FluxPipeline.lora_state_dict reads both, folding a named file's alpha in)."""
+        load_init_lora(path, FluxPipeline,
+                       {"transformer": parts.transformer, "text_encoder": self._text_encoder(parts, config)},
+                       config.lora_rank, config.alpha, shorten(config.init_lora or str(path)),
+                       return_alphas=True)  # Flux's lora_state_dict returns a bare dict without it
 
     def export(self, parts: Components, config: TrainConfig, folder: Path) -> list[tuple[Path, str]]:
         """Final files: diffusers and OneTrainer/ComfyUI (`lora_transformer_`) formats."""
