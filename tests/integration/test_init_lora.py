@@ -8,7 +8,8 @@ Behaviours tested, on the tiny SD and SDXL built from configs:
 - the init file's sha256 joins the config hash: resuming B with a changed init file is refused
   (exit 65) naming init_lora, and succeeds once the file is restored;
 - both families read both of their own export formats back bit for bit;
-- a rank, target-module or text-encoder mismatch is exit 78 naming both sides and the fix.
+- a rank, target-module or text-encoder mismatch is exit 78 naming both sides and the fix;
+- a CPU run adds no GPU columns to metrics.jsonl and no GPU text to train.log.
 """
 
 from __future__ import annotations
@@ -196,3 +197,9 @@ def test_a_mismatch_is_exit_78_naming_both(change: dict, needles: list[str], run
     assert err.value.message.startswith("init_lora: ")
     for needle in needles:
         assert needle in err.value.message, err.value.message
+
+
+def test_a_cpu_run_logs_no_gpu_stats(run_a: Path) -> None:
+    rows = (run_a / "logs/metrics.jsonl").read_text().splitlines()
+    assert rows and not any("gpu_" in row for row in rows)
+    assert " gpu " not in (run_a / "logs/train.log").read_text()

@@ -44,8 +44,8 @@ class ProgressReporter:
         rate = self.rate
         return (self.total - self._step) / rate if rate else None
 
-    def update(self, step: int, loss: float, tokens: int = 0) -> None:
-        """Record a finished optimizer step (and the tokens it trained on)."""
+    def update(self, step: int, loss: float, tokens: int = 0, note: str = "") -> None:
+        """Record a finished optimizer step (and the tokens it trained on); `note` ends its log line (GPU stats)."""
         self.last_loss = loss
         self._tokens += tokens
         advanced = step - self._step
@@ -55,7 +55,8 @@ class ProgressReporter:
             self._bar.set_postfix(loss=f"{loss:.4f}")
         elif step % self.every == 0 or step == self.total:
             rate, eta = self.rate or 0.0, self.eta or 0.0
-            log.info("step %d/%d loss %.4f %.2f it/s eta %.0fs", step, self.total, loss, rate, eta)
+            log.info("step %d/%d loss %.4f %.2f it/s eta %.0fs%s", step, self.total, loss, rate, eta,
+                     f" {note}" if note else "")
 
     def close(self) -> None:
         """Stop drawing the bar."""

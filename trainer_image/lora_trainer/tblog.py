@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
@@ -51,8 +52,10 @@ class RunLogs:
                     text = "".join(line + "\n" for line in rows if json.loads(line)["step"] <= resume_step)
                 (self.folder / name).write_text(text, encoding="utf-8")
 
-    def scalar(self, step: int, loss: float, lr: float, grad_norm: float, eval_loss: float | None = None) -> None:
-        """Record one optimizer step (and the held-out loss when it was measured at this step)."""
+    def scalar(self, step: int, loss: float, lr: float, grad_norm: float, eval_loss: float | None = None,
+               extra: Mapping[str, float] | None = None) -> None:
+        """Record one optimizer step (and the held-out loss when it was measured at this step); `extra`
+        columns (GPU memory and utilisation, gpustats.metrics_fields) go to metrics.jsonl and TensorBoard."""
         self._tb.add_scalar("loss/train", loss, step)
         self._tb.add_scalar("learning_rate", lr, step)
         self._tb.add_scalar("grad_norm", grad_norm, step)
@@ -60,6 +63,9 @@ class RunLogs:
         if eval_loss is not None:
             self._tb.add_scalar("loss/eval", eval_loss, step)
             row["eval_loss"] = eval_loss
+        for name, value in (extra or {}).items():
+            self._tb.add_scalar(f"gpu/{name.removeprefix('gpu_')}", value, step)
+            row[name] = value
         self._metrics.write(json.dumps(row) + "\n")
 
     def flush(self) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lora_trainer import checkpoint, contract, state
+from lora_trainer import checkpoint, contract, gpustats, state
 from lora_trainer.architectures import read_lm_config
 from lora_trainer.cache import EncodeCache, cache_kinds
 from lora_trainer.config import (
@@ -331,8 +331,9 @@ class Trainer:
                 eval_loss = None
                 if data.eval_batches and (step == steps or (c.eval_steps and step % c.eval_steps == 0)):
                     eval_loss = evaluate(family, parts, c, data.eval_batches)
-                logs.scalar(step, out.loss, out.lr, out.grad_norm, eval_loss=eval_loss)
-                reporter.update(step, out.loss, tokens=out.tokens)
+                gpu = gpustats.sample(parts.device)  # None on the CPU: nothing added
+                logs.scalar(step, out.loss, out.lr, out.grad_norm, eval_loss=eval_loss, extra=gpustats.metrics_fields(gpu))
+                reporter.update(step, out.loss, tokens=out.tokens, note=gpustats.log_text(gpu))
                 # The last step is checkpointed too: a run can be extended (more steps) without
                 # losing its tail, and a pod lost while exporting resumes with nothing to redo.
                 if c.save_steps and (step % c.save_steps == 0 or step == steps):
