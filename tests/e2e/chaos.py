@@ -69,18 +69,25 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def chaos_config(model_uri: str, data_uri: str, output_uri: str, s3: S3Config, cache: Path) -> dict:
+def chaos_config(model_uri: str, data_uri: str, output_uri: str, s3: S3Config, cache: Path,
+                 inputs: dict | None = None) -> dict:
     """The tiny run every chaos test trains: 40 steps, a checkpoint every 5, every checkpoint kept.
 
     `log_every` 1 puts a line in the log per step (not a training field: the config hash is the same),
-    which is how the harness sees the step an attempt has reached."""
-    return {
+    which is how the harness sees the step an attempt has reached. `inputs` replaces the image
+    inputs (base_model, train_data_dir, resolution) for another workload (WORKLOADS)."""
+    config = {
         "base_model": model_uri, "train_data_dir": data_uri, "output_dir": output_uri,
         "resolution": 32, "lora_rank": 4, "batch_size": 2, "max_train_steps": 40, "learning_rate": 1e-3,
         "lr_scheduler": "cosine", "lr_warmup_steps": 3, "save_steps": 5, "keep_last": 0, "seed": 11,
         "log_every": 1, "cache_dir": str(cache), "s3": s3.model_dump(mode="json"),
         "preemption_grace_seconds": 20,
     }
+    if inputs is not None:
+        for key in ("base_model", "train_data_dir", "resolution"):
+            config.pop(key)
+        config.update(inputs)
+    return config
 
 
 class LogWatch:
@@ -291,9 +298,14 @@ class Tally:
         return self.final_exact and self.losses_exact and self.exact_resumes == self.resumes and not self.problems
 
 
+# The final weights a family exports, by the file it names them (image LoRA, PEFT adapter).
+FINAL_WEIGHTS = (contract.FINAL_WEIGHTS, "adapter_model.safetensors")
+
+
 def read_result(store: Store) -> tuple[str, dict[int, float]]:
     """sha256 of the final weights and the per-step losses in an output."""
-    weights = hashlib.sha256(store.get_bytes(contract.FINAL_WEIGHTS)).hexdigest()
+    name = next((n for n in FINAL_WEIGHTS if store.exists(n)), FINAL_WEIGHTS[0])
+    weights = hashlib.sha256(store.get_bytes(name)).hexdigest()
     return weights, read_losses(store.get_bytes("logs/metrics.jsonl").decode())
 
 
@@ -347,7 +359,8 @@ def draw_target(rng: random.Random, ref: Reference, total: int, save_steps: int)
             plan.step, plan.delay = rng.choice(grid), rng.uniform(0.0, 0.9) * ref.upload
         else:  # export: after the last step's line (at once when resumed at the last step)
             plan.step = total if begin < total else None
-            plan.delay = rng.uniform(0.0, 0.9) * ref.export
+            # The export's length varies with load by more than 2x; the early part is always there.
+            plan.delay = rng.uniform(0.0, 0.4) * ref.export
 
     return draw
 
@@ -419,63 +432,146 @@ def load_average() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def _sd_inputs(root: Path) -> dict:
+    from lora_trainer.tiny import build_tiny_dataset, build_tiny_sd
+
+    return {"base_model": str(build_tiny_sd(root / "sd")), "train_data_dir": str(build_tiny_dataset(root / "data")),
+            "resolution": 32}
+
+
+def _sdxl_inputs(root: Path) -> dict:
+    from lora_trainer.tiny import build_tiny_dataset
+    from lora_trainer.tiny_sdxl import build_tiny_sdxl
+
+    return {"base_model": str(build_tiny_sdxl(root / "sdxl")), "resolution": 32, "train_text_encoder": True,
+            "train_data_dir": str(build_tiny_dataset(root / "data"))}
+
+
+def _flux_inputs(root: Path) -> dict:
+    from lora_trainer.tiny import build_tiny_dataset
+    from lora_trainer.tiny_flux import build_tiny_flux
+
+    return {"base_model": str(build_tiny_flux(root / "flux")), "resolution": 32,
+            "train_data_dir": str(build_tiny_dataset(root / "data"))}
+
+
+def _llm_inputs(root: Path) -> dict:
+    from lora_trainer.tiny_llm import build_tiny_llm, write_tiny_jsonl
+
+    return {"task": "causal-lm", "base_model": str(build_tiny_llm(root / "llm")),
+            "train_file": str(write_tiny_jsonl(root / "llm-data" / "train.jsonl", "messages", 48)),
+            "max_seq_length": 64}
+
+
+# Every family `make chaos` kills, by name: what builds its tiny inputs (under a folder) as config keys.
+WORKLOADS = {"sd": _sd_inputs, "sdxl": _sdxl_inputs, "flux": _flux_inputs, "causal-lm": _llm_inputs}
+
+
+def available_workloads() -> list[str]:
+    """The workloads whose family this checkout has (a family's tiny builder imports)."""
+    import importlib.util
+
+    modules = {"sd": "lora_trainer.tiny", "sdxl": "lora_trainer.tiny_sdxl", "flux": "lora_trainer.tiny_flux",
+               "causal-lm": "lora_trainer.tiny_llm"}
+    return [name for name in WORKLOADS if importlib.util.find_spec(modules[name]) is not None]
+
+
+def thread_env(parallel: int) -> dict[str, str]:
+    """Torch's intra-op threads per trainer: the cores shared out between the runs side by side.
+
+    Without it, N trainers each start one thread per core and thrash; every run of a workload (the
+    reference included) gets the same count, so the numbers stay comparable."""
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, parallel)))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`make chaos`: --kills kills, --kills-per-run in every run; prints the tally."""
+    """`make chaos`: --kills kills, --kills-per-run in every run, --parallel runs side by side; prints the tally."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=100)
     # 10 a run: each kill costs a restart (seconds), each run a whole training; 100 kills in ~10 runs.
     parser.add_argument("--kills-per-run", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--workloads", default=",".join(available_workloads()),
+                        help="families to kill, in turn run by run (default: every one this checkout has)")
+    # A trainer's start-up (imports, model load) is mostly one thread: two runs side by side on two
+    # cores deliver nearly twice the kills per minute.
+    parser.add_argument("--parallel", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     args = parser.parse_args(argv)
+    names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    if unknown := [n for n in names if n not in WORKLOADS]:
+        parser.error(f"--workloads: {', '.join(unknown)} unknown; choose from {', '.join(WORKLOADS)}")
 
     import boto3
 
     from lora_operator.devcluster.s3 import TEST_CREDENTIALS, start_s3_server
-    from lora_trainer.tiny import build_tiny_dataset, build_tiny_sd
 
     started = time.monotonic()
     server, endpoint = start_s3_server("127.0.0.1", 0)
-    env = {**base_env(), **TEST_CREDENTIALS, "AWS_EC2_METADATA_DISABLED": "true"}
-    os.environ.update(env)
+    env = {**base_env(), **TEST_CREDENTIALS, "AWS_EC2_METADATA_DISABLED": "true", **thread_env(args.parallel)}
+    os.environ.update({k: v for k, v in env.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
     s3 = S3Config(endpoint_url=endpoint, region="us-east-1", path_style=True)
-    rng = random.Random(args.seed)
-    print(f"chaos: --kills {args.kills} --kills-per-run {args.kills_per_run} --seed {args.seed}; "
-          f"load average {load_average()} on {os.cpu_count()} cores", flush=True)
+    print(f"chaos: --kills {args.kills} --kills-per-run {args.kills_per_run} --seed {args.seed} "
+          f"--workloads {','.join(names)} --parallel {args.parallel}; load average {load_average()} on "
+          f"{os.cpu_count()} cores", flush=True)
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         root = Path(tmp)
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="chaos")
-        model, data = build_tiny_sd(root / "sd"), build_tiny_dataset(root / "data")
-        ref = reference_run(chaos_config(str(model), str(data), "s3://chaos/ref", s3, root / "cache"),
-                            env, root / "ref", s3)
-        print(f"reference: {ref.seconds:.1f}s (start-up {ref.startup:.1f}s, {ref.step:.2f}s/step, "
-              f"upload {ref.upload:.2f}s, export {ref.export:.2f}s)", flush=True)
-        total = Tally()
-        run = 0
-        unkilled = 0
-        while total.kills < args.kills:
-            run += 1
-            config = chaos_config(str(model), str(data), f"s3://chaos/run-{run}", s3, root / "cache")
-            kills = min(args.kills_per_run, args.kills - total.kills)
-            t = chaos_run(config, env, root / f"run-{run}", s3, ref, kills, rng)
-            total.kills += t.kills
-            total.missed += t.missed
-            total.resumes += t.resumes
-            total.exact_resumes += t.exact_resumes
-            total.phases += t.phases
-            unkilled += t.kills == 0
-            total.problems += [f"run {run}: {p}" for p in t.problems]
-            print(f"run {run}: {t.kills} kills ({', '.join(f'{p} {n}' for p, n in sorted(t.phases.items()))}), "
-                  f"{t.exact_resumes}/{t.resumes} exact resumes, "
-                  f"final {'exact' if t.final_exact and t.losses_exact else 'DIFFERENT'}", flush=True)
-            if t.problems and t.kills == 0:
-                break  # a run that cannot even be killed will not get better
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        def config_for(name: str, inputs: dict, output: str) -> dict:
+            return chaos_config("", "", f"s3://chaos/{output}", s3, root / "cache" / name, inputs)
+
+        with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+            # One after another: transformers' and diffusers' lazy imports are not safe across threads.
+            inputs = {n: WORKLOADS[n](root / "inputs" / n) for n in names}
+            refs = dict(zip(names, pool.map(
+                lambda n: reference_run(config_for(n, inputs[n], f"ref-{n}"), env, root / f"ref-{n}", s3), names),
+                strict=True))
+            for name, ref in refs.items():
+                print(f"reference {name}: {ref.seconds:.1f}s (start-up {ref.startup:.1f}s, {ref.step:.2f}s/step, "
+                      f"upload {ref.upload:.2f}s, export {ref.export:.2f}s)", flush=True)
+            total, by_workload = Tally(), Counter()
+            run, unkilled, planned = 0, 0, 0
+            running: dict = {}
+            while total.kills < args.kills or running:
+                while total.kills + planned < args.kills and len(running) < max(1, args.parallel):
+                    run += 1
+                    name = names[(run - 1) % len(names)]
+                    kills = min(args.kills_per_run, args.kills - total.kills - planned)
+                    # One generator per run, from the seed and the run's number: runs side by side stay reproducible.
+                    future = pool.submit(chaos_run, config_for(name, inputs[name], f"run-{run}"), env,
+                                         root / f"run-{run}", s3, refs[name], kills, random.Random(f"{args.seed}-{run}"))
+                    running[future] = (run, name, kills)
+                    planned += kills
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    number, name, kills = running.pop(future)
+                    planned -= kills
+                    t = future.result()
+                    total.kills += t.kills
+                    total.missed += t.missed
+                    total.resumes += t.resumes
+                    total.exact_resumes += t.exact_resumes
+                    total.phases += t.phases
+                    by_workload[name] += t.kills
+                    unkilled += t.kills == 0
+                    total.problems += [f"run {number} ({name}): {p}" for p in t.problems]
+                    print(f"run {number} ({name}): {t.kills} kills "
+                          f"({', '.join(f'{p} {n}' for p, n in sorted(t.phases.items()))}), "
+                          f"{t.exact_resumes}/{t.resumes} exact resumes, "
+                          f"final {'exact' if t.final_exact and t.losses_exact else 'DIFFERENT'}", flush=True)
+                    if t.problems and t.kills == 0:
+                        args.kills = total.kills  # a run that cannot even be killed will not get better
         if unkilled:
             total.problems.append(f"{unkilled} runs were never killed")
         total.final_exact = total.losses_exact = not total.problems
     server.stop()
     phases = ", ".join(f"{p} {total.phases[p]}" for p in PHASES)
+    workloads = ", ".join(f"{n} {by_workload[n]}" for n in names)
     print(f"\nchaos: {total.kills} kills over {run} runs in {time.monotonic() - started:.0f}s "
-          f"(reference run {ref.seconds:.1f}s; load average {load_average()}); kills by phase: {phases}; "
+          f"(references {', '.join(f'{n} {r.seconds:.1f}s' for n, r in refs.items())}; load average "
+          f"{load_average()}); kills by phase: {phases}; by workload: {workloads}; "
           f"{total.missed} planned kills outrun; {total.exact_resumes}/{total.resumes} resumes exact; "
           f"{'ALL EXACT' if total.ok else 'PROBLEMS: ' + '; '.join(total.problems)}")
     return 0 if total.ok else 1
