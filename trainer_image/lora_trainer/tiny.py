@@ -474,9 +474,9 @@ def build_tiny_blip(path: Path, seed: int = 0) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lora_trainer.tiny {sd,sdxl,sd-file,dataset,blip} PATH``: build one thing and print its path."""
+    """``python -m lora_trainer.tiny {sd,sdxl,flux,sd-file,dataset,blip} PATH``: build one thing and print its path."""
     parser = argparse.ArgumentParser(prog="python -m lora_trainer.tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("sd", "sdxl", "sd-file", "dataset", "blip"))
+    parser.add_argument("what", choices=("sd", "sdxl", "flux", "sd-file", "dataset", "blip"))
     parser.add_argument("path", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n", type=int, default=8, help="dataset: number of images")
@@ -490,6 +490,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lora_trainer.tiny_sdxl import build_tiny_sdxl
 
         built = build_tiny_sdxl(args.path, seed=args.seed)
+    elif args.what == "flux":
+        from lora_trainer.tiny_flux import build_tiny_flux
+
+        built = build_tiny_flux(args.path, seed=args.seed)
     elif args.what == "sd-file":
         built = build_tiny_sd_single_file(args.path, model_dir=args.model, seed=args.seed)
     elif args.what == "blip":
