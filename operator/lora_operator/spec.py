@@ -151,6 +151,13 @@ class LoraSpec(_Spec):
         description="Text-encoder modules that get LoRA adapters (with trainTextEncoder).",
         json_schema_extra={"default": list(DEFAULT_TEXT_ENCODER_TARGET_MODULES)},
     )
+    init_from: Uri | None = Field(
+        None,
+        description="Start from an existing LoRA instead of a fresh one (incremental training): one .safetensors "
+        "file in diffusers or kohya format, e.g. s3://loras/style-v1/pytorch_lora_weights_kohya.safetensors. "
+        "It must have this job's rank and target modules (else the job fails, exit 78); its sha256 joins the "
+        "config hash, so a resume refuses a changed file.",
+    )
 
 
 # Bucket bounds are the trainer's own (TrainConfig), so the CRD refuses what the trainer would.
@@ -468,6 +475,8 @@ def _check_output_apart(spec: JobSpec) -> None:
         inputs.append(("spec.baseModel.config", spec.base_model.config))
     if spec.dataset.eval_uri:
         inputs.append(("spec.dataset.evalUri", spec.dataset.eval_uri))
+    if spec.lora.init_from:
+        inputs.append(("spec.lora.initFrom", spec.lora.init_from))
     for field, uri in inputs:
         how = overlap(spec.output.uri, uri)
         if how:
@@ -481,7 +490,7 @@ def _check_output_apart(spec: JobSpec) -> None:
 # (block, field) of JobSpec read by one task only; the other task refuses them (see the docstring).
 IMAGE_ONLY_FIELDS: tuple[tuple[str, str], ...] = (
     ("base_model", "config"), ("dataset", "captions"), ("dataset", "caption_extension"),
-    ("lora", "train_text_encoder"), ("lora", "text_encoder_target_modules"),
+    ("lora", "train_text_encoder"), ("lora", "text_encoder_target_modules"), ("lora", "init_from"),
     ("training", "text_encoder_learning_rate"), ("training", "resolution"), ("training", "center_crop"),
     ("training", "random_flip"), ("training", "noise_offset"), ("training", "buckets"), ("training", "cache_latents"),
     ("training", "cache_text_embeddings"),
@@ -546,6 +555,7 @@ CONFIG_PATHS: dict[str, str] = {
     "target_modules": "spec.lora.targetModules",
     "train_text_encoder": "spec.lora.trainTextEncoder",
     "text_encoder_target_modules": "spec.lora.textEncoderTargetModules",
+    "init_lora": "spec.lora.initFrom",
     "batch_size": "spec.training.batchSize",
     "gradient_accumulation_steps": "spec.training.gradientAccumulationSteps",
     "max_train_steps": "spec.training.maxTrainSteps",
@@ -606,6 +616,7 @@ def task_config_data(spec: JobSpec) -> dict[str, Any]:
         "random_flip": t.random_flip,
         "train_text_encoder": lora.train_text_encoder,
         "text_encoder_target_modules": list(lora.text_encoder_target_modules),
+        "init_lora": lora.init_from,
         "text_encoder_lr": t.text_encoder_learning_rate,
         "noise_offset": t.noise_offset,
         "enable_bucket": t.buckets.enabled,

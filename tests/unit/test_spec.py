@@ -288,6 +288,7 @@ IMAGE_ONLY_VALUES = {
     ("training", "resolution"): 512, ("training", "center_crop"): False, ("training", "random_flip"): True,
     ("training", "noise_offset"): 0.1, ("training", "buckets"): {"enabled": True},
     ("training", "cache_latents"): True, ("training", "cache_text_embeddings"): True,
+    ("lora", "init_from"): "s3://loras/v1/a.safetensors",
 }
 LLM_ONLY_VALUES = {
     ("base_model", "load_in_4bit"): True, ("dataset", "eval_uri"): "s3://datasets/eval.jsonl",
