@@ -11,6 +11,8 @@ Behaviours tested:
   LORA_OPERATOR_* settings, standalone (Recreate) with one replica, peering with more.
 - values.schema.json: every object is closed; values.yaml passes; typo'd keys fail, in jsonschema
   and in Helm itself. values.yaml comments every key, with an example.
+- metrics: a Service on the operator's /metrics port (LORA_OPERATOR_METRICS_PORT), a ServiceMonitor
+  only when asked for, neither (and port 0) with metrics.enabled false.
 - The chart's product CRD is byte-identical to the generated crds/ at the repository root.
 """
 
@@ -63,6 +65,7 @@ CUSTOM: dict[str, Any] = {
     "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/lora"}},
     "rbac": {"secretNames": ["s3-creds", "minio-creds"]},
     "healthPort": 9090,
+    "metrics": {"port": 9100},
     "extraEnv": [{"name": "AWS_CA_BUNDLE", "value": "/etc/ssl/ca.pem"}],
     "podLabels": {"team": "ml-platform"},
     "nodeSelector": {"kubernetes.io/os": "linux"},
@@ -214,7 +217,7 @@ def test_watch_namespaces_get_roles_and_only_node_reading_cluster_wide() -> None
 
 def test_rbac_and_service_account_can_be_left_to_the_user() -> None:
     objects = manifests({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "mine"}})
-    assert sorted(o["kind"] for o in objects) == ["Deployment"]
+    assert sorted(o["kind"] for o in objects) == ["Deployment", "Service"]  # the Service: metrics
     assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "mine"
 
 
@@ -266,7 +269,8 @@ def test_deployment_defaults() -> None:
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "ghcr.io/lora-operator/operator:0.1.0"
     assert container["command"] == ["lora-operator"] and container["args"] == ["run"]
-    assert container["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"},
+                                  {"name": "metrics", "containerPort": 8000, "protocol": "TCP"}]
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert _env(deployment) == {
@@ -280,6 +284,7 @@ def test_deployment_defaults() -> None:
         "LORA_OPERATOR_LOG_FORMAT": "json",
         "LORA_OPERATOR_ALLOWED_ENDPOINTS": "*",
         "LORA_OPERATOR_LIVENESS": "http://0.0.0.0:8080/healthz",
+        "LORA_OPERATOR_METRICS_PORT": "8000",
         "LORA_OPERATOR_PEERING": "lora-operator",
         "LORA_OPERATOR_STANDALONE": "true",
         "POD_NAME": "<from>",
@@ -360,6 +365,7 @@ TYPOS = [
     {"config": {"allowedEndpoints": ["http://minio:9000"]}},
     {"config": {"allowedEndpoints": "minio:9000,s3:9000"}},
     {"replicaCount": 0},
+    {"metrics": {"serviceMonitor": {"enable": True}}},
 ]
 
 
@@ -412,3 +418,29 @@ _KUBERNETES_SHAPED = {
     "securityContext",
     "affinity",
 }
+
+
+def test_metrics_service_and_optional_service_monitor() -> None:
+    objects = manifests()
+    deployment, service = one(objects, "Deployment"), one(objects, "Service")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert {"name": "metrics", "containerPort": 8000, "protocol": "TCP"} in container["ports"]
+    assert _env(deployment)["LORA_OPERATOR_METRICS_PORT"] == "8000"
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8000, "targetPort": "metrics", "protocol": "TCP"}]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert not of_kind(objects, "ServiceMonitor")  # off by default: it needs the prometheus-operator's CRDs
+
+    monitored = manifests({"metrics": {"port": 9100, "serviceMonitor": {
+        "enabled": True, "interval": "15s", "labels": {"release": "kube-prometheus-stack"}}}})
+    monitor, service = one(monitored, "ServiceMonitor"), one(monitored, "Service")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [RELEASE_NAMESPACE]}
+    assert service["spec"]["ports"][0]["port"] == 9100
+
+    off = manifests({"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}})
+    assert not of_kind(off, "Service") and not of_kind(off, "ServiceMonitor")
+    assert _env(one(off, "Deployment"))["LORA_OPERATOR_METRICS_PORT"] == "0"
