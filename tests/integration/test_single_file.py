@@ -9,7 +9,7 @@ Behaviours tested:
   configs (no weights);
 - a changed base file refuses resume (exit 65) naming base_model;
 - a pickle checkpoint is refused (78): by its name at validation, and by its bytes when renamed;
-- a Flux-layout file is refused (78) naming the family, an SD file under model_family sdxl too; no configs offline → 66 naming
+- a Flux-layout file is refused (78) naming the family and pointing at a diffusers folder, an SD file under model_family sdxl too; no configs offline → 66 naming
   base_model_config (a real `lora-train` process with HF_HUB_OFFLINE=1 and an empty HF cache).
 """
 
@@ -162,7 +162,8 @@ def test_flux_layout_is_refused_naming_the_family(tiny_data: Path, tmp_path: Pat
               str(flux))
     with pytest.raises(ConfigError) as info:
         Trainer(parse_config(run_config(str(flux), tiny_data, tmp_path / "o", tmp_path / "c"))).run()
-    assert "is a Flux checkpoint; that family is not supported yet" in info.value.message
+    assert "is a single-file Flux checkpoint; Flux trains from a diffusers folder only" in info.value.message
+    assert info.value.message.endswith("(saved with FluxPipeline.save_pretrained())")
 
 
 def test_sd_file_with_model_family_sdxl_is_refused(tiny_file: Path, tiny_data: Path, tmp_path: Path) -> None:
