@@ -7,7 +7,8 @@ Behaviours tested:
   init_lora reads either back into fresh adapters (the diffusers file bit for bit);
   the kohya file uses lora_transformer_ / lora_te1_ keys with the run's alpha and no lora_unet_ keys;
 - a run stopped as on SIGTERM (checkpoint committed, exit 75) and resumed ends with final weights
-  sha256-equal to an uninterrupted run's; with latent and text caches too;
+  sha256-equal to an uninterrupted run's; with latent and text caches too; with aspect-ratio buckets
+  and gradient checkpointing too;
 - the sigma shift for the resolution is FluxPipeline's (calculate_shift, exponential time shift);
 - a resolution (or bucket step) Flux cannot pack is exit 78 naming the field and a value that works;
 - a config that leaves resolution unset trains Flux at 1024.
@@ -34,6 +35,7 @@ from lora_trainer.tasks.flux import check_resolution, resolution_sigma
 from lora_trainer.tiny_flux import T5_MAX_LENGTH as TINY_T5_LENGTH
 from lora_trainer.tiny_flux import build_tiny_flux
 from lora_trainer.train import Trainer, read_losses
+from tests.integration.test_buckets import SHAPES
 
 STEPS = 5
 
@@ -182,6 +184,35 @@ def test_cached_run_stopped_and_resumed_is_bit_exact(tiny_flux: Path, tiny_data:
         Trainer(config, stop=StopAfter(3)).run()
     assert Trainer(config).run().resumed_from == 3
     assert sha(out / contract.FINAL_WEIGHTS) == sha(whole / contract.FINAL_WEIGHTS)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Captioned images of several aspect ratios (test_buckets' sizes)."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("flux-shapes")
+    for i, (w, h) in enumerate(SHAPES):
+        im = Image.new("RGB", (w, h), (i * 30, 200 - i * 20, 90))
+        im.paste((250, 250, 250), (w // 4, h // 4, w // 2, h // 2))
+        im.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a shape number {i}")
+    return folder
+
+
+def test_bucketed_checkpointed_run_resumes_exactly(shapes: Path, tiny_flux: Path, tmp_path: Path) -> None:
+    """Aspect-ratio buckets (non-square packed latents, image ids per bucket) with gradient checkpointing."""
+    extra = {"enable_bucket": True, "min_bucket_reso": 16, "max_bucket_reso": 64, "bucket_reso_steps": 16,
+             "gradient_checkpointing": True, "train_text_encoder": False, "batch_size": 2}
+    whole = tmp_path / "whole" / "out"
+    Trainer(flux_config(tiny_flux, shapes, whole, **extra)).run()
+    out = tmp_path / "split" / "out"
+    config = flux_config(tiny_flux, shapes, out, **extra)
+    with pytest.raises(Preempted):
+        Trainer(config, stop=StopAfter(2)).run()
+    assert Trainer(config).run().resumed_from == 2
+    for name in (contract.FINAL_WEIGHTS, contract.FINAL_WEIGHTS_KOHYA):
+        assert sha(out / name) == sha(whole / name), name
 
 
 @pytest.mark.parametrize(("seq_len", "sigma", "expected"), [
