@@ -444,3 +444,22 @@ def test_metrics_service_and_optional_service_monitor() -> None:
     off = manifests({"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}})
     assert not of_kind(off, "Service") and not of_kind(off, "ServiceMonitor")
     assert _env(one(off, "Deployment"))["LORA_OPERATOR_METRICS_PORT"] == "0"
+
+
+def test_trainer_network_policy_is_optional_and_per_watched_namespace() -> None:
+    assert not of_kind(manifests(), "NetworkPolicy")  # off by default
+    minio = {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "minio"}}}],
+             "ports": [{"port": 9000, "protocol": "TCP"}]}
+    objects = manifests({"watchNamespaces": ["ml", "research"],
+                         "trainerNetworkPolicy": {"enabled": True, "egress": [minio]}})
+    policies = of_kind(objects, "NetworkPolicy")
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["ml", "research"]
+    for policy in policies:
+        kubernetes_validate.validate(policy, KUBE_VERSION, strict=True)
+        spec = policy["spec"]
+        assert spec["podSelector"] == {"matchExpressions": [{"key": "lora-operator.dev/job", "operator": "Exists"}]}
+        assert spec["policyTypes"] == ["Ingress", "Egress"] and spec["ingress"] == []
+        dns, store = spec["egress"]
+        assert {p["port"] for p in dns["ports"]} == {53} and store == minio
+    with pytest.raises(Exception, match="needs watchNamespaces"):
+        manifests({"trainerNetworkPolicy": {"enabled": True}})
