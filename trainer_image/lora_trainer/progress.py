@@ -52,14 +52,21 @@ class ProgressReporter:
         self._step = step
         if self._bar is not None:
             self._bar.update(advanced)
-            self._bar.set_postfix(loss=f"{loss:.4f}")
+            tokens = self.token_rate
+            self._bar.set_postfix(loss=f"{loss:.4f}", **({"tok/s": f"{tokens:.0f}"} if tokens is not None else {}))
         elif step % self.every == 0 or step == self.total:
-            rate, eta = self.rate or 0.0, self.eta or 0.0
-            log.info("step %d/%d loss %.4f %.2f it/s eta %.0fs%s", step, self.total, loss, rate, eta,
-                     f" {note}" if note else "")
+            log.info("%s", step_line(step, self.total, loss, self.rate, self.token_rate, self.eta, note))
 
     def close(self) -> None:
         """Stop drawing the bar."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def step_line(step: int, total: int, loss: float, rate: float | None, token_rate: float | None,
+              eta: float | None, note: str = "") -> str:
+    """The plain-log progress line (pure); tokens/s only when the batches carried tokens (text tasks)."""
+    tokens = f" {token_rate:.0f} tok/s" if token_rate is not None else ""
+    return (f"step {step}/{total} loss {loss:.4f} {rate or 0.0:.2f} it/s{tokens} eta {eta or 0.0:.0f}s"
+            + (f" {note}" if note else ""))
