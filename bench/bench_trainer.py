@@ -63,8 +63,9 @@ import lora_trainer.train  # noqa: E402
 from lora_operator.devcluster.s3 import TEST_CREDENTIALS  # noqa: E402
 from lora_trainer.config import TrainConfig, parse_config  # noqa: E402
 from lora_trainer.contract import utcnow  # noqa: E402
-from lora_trainer.tasks.sd import load_components  # noqa: E402
 from lora_trainer.signals import StopFlag  # noqa: E402
+from lora_trainer.tasks import detect, with_family_defaults  # noqa: E402
+from lora_trainer.tasks.sd import load_components  # noqa: E402
 from lora_trainer.tiny import TINY_RESOLUTION, build_tiny_dataset, build_tiny_sd  # noqa: E402
 from lora_trainer.train import Trainer  # noqa: E402
 
@@ -101,6 +102,8 @@ def load_pixels(path: Path, resolution: int) -> torch.Tensor:
 
 def bare_run(config: TrainConfig, model: Path, data: Path) -> list[float]:
     """The reference loop: the per-step work of LoRA training and nothing else; time after each step."""
+    # target_modules unset means the family's default: resolve it as the trainer does (same modules).
+    config = with_family_defaults(config, detect(model, config.model_family, config.task))
     torch.manual_seed(config.seed)
     parts = load_components(model, config)
     parts.unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout,
