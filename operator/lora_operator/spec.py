@@ -41,6 +41,7 @@ from lora_trainer.config import (
     Seed,
     Task,
     TrainConfig,
+    WeightingScheme,
     format_validation_error,
 )
 
@@ -185,6 +186,32 @@ class BucketSpec(_Spec):
     )
 
 
+def _trainer(name: str) -> Any:
+    """The trainer's type of a field with its bounds, so the CRD refuses what the trainer refuses."""
+    return Annotated[TrainConfig.model_fields[name].annotation, *TrainConfig.model_fields[name].metadata]
+
+
+def _default(name: str) -> Any:
+    return TrainConfig.model_fields[name].default
+
+
+class FlowMatchingSpec(_Spec):
+    """Flow-matching families (Flux): timestep sampling, loss weighting and guidance; SD and SDXL ignore it."""
+
+    weighting_scheme: WeightingScheme = Field(
+        _default("weighting_scheme"), description="Timestep density and loss weights as diffusers' Flux trainer: "
+        "none (uniform timesteps, unit weights), logit_normal, mode, sigma_sqrt, cosmap.",
+    )
+    logit_mean: _trainer("logit_mean") = Field(_default("logit_mean"), description="weightingScheme logit_normal: the mean.")
+    logit_std: _trainer("logit_std") = Field(
+        _default("logit_std"), description="weightingScheme logit_normal: the standard deviation."
+    )
+    mode_scale: _trainer("mode_scale") = Field(_default("mode_scale"), description="weightingScheme mode: the scale.")
+    guidance_scale: _trainer("guidance_scale") = Field(
+        _default("guidance_scale"), description="Guidance-distilled models (FLUX.1-dev): the guidance value trained with."
+    )
+
+
 class TrainingSpec(_Spec):
     """Optimisation settings; every field here defines what is trained, so it is immutable."""
 
@@ -225,6 +252,10 @@ class TrainingSpec(_Spec):
     )
     max_grad_norm: float = Field(1.0, ge=0, le=1000, description="Gradient clipping norm; 0 disables clipping.")
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset-noise strength; 0 disables it.")
+    flow_matching: FlowMatchingSpec = Field(
+        default_factory=FlowMatchingSpec, description="Flow-matching settings (Flux); the defaults are diffusers' "
+        "Flux trainer's.", json_schema_extra={"default": {}},
+    )
     seed: Seed = 42
     max_seq_length: int | None = Field(
         None, ge=8, le=1_048_576, description="causal-lm: tokens per sample; longer samples are truncated "
@@ -493,7 +524,7 @@ IMAGE_ONLY_FIELDS: tuple[tuple[str, str], ...] = (
     ("lora", "train_text_encoder"), ("lora", "text_encoder_target_modules"), ("lora", "init_from"),
     ("training", "text_encoder_learning_rate"), ("training", "resolution"), ("training", "center_crop"),
     ("training", "random_flip"), ("training", "noise_offset"), ("training", "buckets"), ("training", "cache_latents"),
-    ("training", "cache_text_embeddings"),
+    ("training", "cache_text_embeddings"), ("training", "flow_matching"),
 )
 CAUSAL_LM_ONLY_FIELDS: tuple[tuple[str, str], ...] = (
     ("base_model", "load_in_4bit"), ("dataset", "eval_uri"), ("dataset", "eval_fraction"), ("lora", "target_mlp"),
@@ -579,6 +610,11 @@ CONFIG_PATHS: dict[str, str] = {
     "cache_text_embeddings": "spec.training.cacheTextEmbeddings",
     "max_grad_norm": "spec.training.maxGradNorm",
     "noise_offset": "spec.training.noiseOffset",
+    "weighting_scheme": "spec.training.flowMatching.weightingScheme",
+    "logit_mean": "spec.training.flowMatching.logitMean",
+    "logit_std": "spec.training.flowMatching.logitStd",
+    "mode_scale": "spec.training.flowMatching.modeScale",
+    "guidance_scale": "spec.training.flowMatching.guidanceScale",
     "seed": "spec.training.seed",
     "save_steps": "spec.checkpoint.everySteps",
     "keep_last": "spec.checkpoint.keepLast",
@@ -625,6 +661,11 @@ def task_config_data(spec: JobSpec) -> dict[str, Any]:
         "bucket_reso_steps": t.buckets.step,
         "cache_latents": t.cache_latents,
         "cache_text_embeddings": t.cache_text_embeddings,
+        "weighting_scheme": t.flow_matching.weighting_scheme,
+        "logit_mean": t.flow_matching.logit_mean,
+        "logit_std": t.flow_matching.logit_std,
+        "mode_scale": t.flow_matching.mode_scale,
+        "guidance_scale": t.flow_matching.guidance_scale,
     }
 
 

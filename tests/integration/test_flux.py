@@ -8,7 +8,7 @@ Behaviours tested:
   the kohya file uses lora_transformer_ / lora_te1_ keys with the run's alpha and no lora_unet_ keys;
 - a run stopped as on SIGTERM (checkpoint committed, exit 75) and resumed ends with final weights
   sha256-equal to an uninterrupted run's; with latent and text caches too; with aspect-ratio buckets
-  and gradient checkpointing too;
+  and gradient checkpointing too; with the other weighting schemes and another guidance value too;
 - the sigma shift for the resolution is FluxPipeline's (calculate_shift, exponential time shift);
 - a resolution (or bucket step) Flux cannot pack is exit 78 naming the field and a value that works;
 - a config that leaves resolution unset trains Flux at 1024.
@@ -213,6 +213,23 @@ def test_bucketed_checkpointed_run_resumes_exactly(shapes: Path, tiny_flux: Path
     assert Trainer(config).run().resumed_from == 2
     for name in (contract.FINAL_WEIGHTS, contract.FINAL_WEIGHTS_KOHYA):
         assert sha(out / name) == sha(whole / name), name
+
+
+@pytest.mark.parametrize("extra", [{"weighting_scheme": "logit_normal", "logit_mean": 0.5, "logit_std": 0.8},
+                                   {"weighting_scheme": "cosmap", "guidance_scale": 1.0}])
+def test_other_weighting_schemes_train_and_resume_exactly(extra: dict, trained: Path, tiny_flux: Path,
+                                                          tiny_data: Path, tmp_path: Path) -> None:
+    """The diffusers trainer's other schemes (density and loss weights), and another guidance: a different
+    run from the default one, still bit-exact across a stop and resume."""
+    whole = tmp_path / "whole"
+    Trainer(flux_config(tiny_flux, tiny_data, whole, **extra)).run()
+    assert sha(whole / contract.FINAL_WEIGHTS) != sha(trained / contract.FINAL_WEIGHTS)
+    out = tmp_path / "out"
+    config = flux_config(tiny_flux, tiny_data, out, **extra)
+    with pytest.raises(Preempted):
+        Trainer(config, stop=StopAfter(3)).run()
+    assert Trainer(config).run().resumed_from == 3
+    assert sha(out / contract.FINAL_WEIGHTS) == sha(whole / contract.FINAL_WEIGHTS)
 
 
 @pytest.mark.parametrize(("seq_len", "sigma", "expected"), [

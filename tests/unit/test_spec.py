@@ -178,6 +178,10 @@ def _training(**fields: object) -> dict:
         ({"cacheLatents": True, "cacheTextEmbeddings": True}, {}, {"cache_latents": True, "cache_text_embeddings": True}),
         ({"cacheLatents": True}, {"trainTextEncoder": True}, {"cache_latents": True, "train_text_encoder": True}),
         ({"resolution": 64, "buckets": {"enabled": True, "step": 64}}, {}, {"bucket_reso_steps": 64, "resolution": 64}),
+        ({"flowMatching": {"weightingScheme": "logit_normal", "logitMean": 0.5, "logitStd": 0.5, "modeScale": 1.0,
+                           "guidanceScale": 1.0}}, {},
+         {"weighting_scheme": "logit_normal", "logit_mean": 0.5, "logit_std": 0.5, "mode_scale": 1.0, "guidance_scale": 1.0}),
+        ({}, {}, {"weighting_scheme": "none", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, "guidance_scale": 3.5}),
     ],
 )
 def test_sdxl_options_reach_the_trainer(training: dict, lora: dict, expected: dict) -> None:
@@ -199,6 +203,8 @@ def test_sdxl_options_reach_the_trainer(training: dict, lora: dict, expected: di
         ({"buckets": {"enabled": True, "maxResolution": 9000}}, {}, "spec.training.buckets.maxResolution", "8192"),
         ({"buckets": {"enable": True}}, {}, "spec.training.buckets.enable", "Extra inputs"),
         ({"optimizer": "lion"}, {}, "spec.training.optimizer", "adamw8bit"),
+        ({"flowMatching": {"weightingScheme": "uniform"}}, {}, "spec.training.flowMatching.weightingScheme", "logit_normal"),
+        ({"flowMatching": {"logitStd": 0}}, {}, "spec.training.flowMatching.logitStd", "greater than 0"),
     ],
 )
 def test_sdxl_options_refused_naming_the_field(training: dict, lora: dict, field: str, words: str) -> None:
@@ -289,6 +295,7 @@ IMAGE_ONLY_VALUES = {
     ("training", "noise_offset"): 0.1, ("training", "buckets"): {"enabled": True},
     ("training", "cache_latents"): True, ("training", "cache_text_embeddings"): True,
     ("lora", "init_from"): "s3://loras/v1/a.safetensors",
+    ("training", "flow_matching"): {"weightingScheme": "cosmap"},
 }
 LLM_ONLY_VALUES = {
     ("base_model", "load_in_4bit"): True, ("dataset", "eval_uri"): "s3://datasets/eval.jsonl",

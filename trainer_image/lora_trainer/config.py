@@ -61,6 +61,7 @@ LrScheduler = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
 ]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+WeightingScheme = Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"]  # diffusers' SD3/Flux trainers'
 Optimizer = Literal["adamw", "adamw8bit"]  # adamw8bit: bitsandbytes' AdamW8bit, when installed
 Task = Literal["text-to-image", "causal-lm"]
 ModelFamily = Literal["auto", "sd", "sdxl", "flux", "causal-lm"]  # tasks/ registers one family per name (a test keeps them in step)
@@ -249,6 +250,16 @@ class TrainConfig(_Model):
         False, description="Cache text-encoder outputs by caption (frozen text encoders only)."
     )
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise strength (0 disables).")
+    weighting_scheme: WeightingScheme = Field(
+        "none", description="Flow-matching families (Flux): timestep density and loss weights as diffusers' Flux "
+        "trainer: none (uniform, unit weights), logit_normal, mode, sigma_sqrt, cosmap. SD and SDXL ignore it.",
+    )
+    logit_mean: float = Field(0.0, ge=-10, le=10, description="weighting_scheme logit_normal: the mean.")
+    logit_std: float = Field(1.0, gt=0, le=10, description="weighting_scheme logit_normal: the standard deviation.")
+    mode_scale: float = Field(1.29, ge=0, le=10, description="weighting_scheme mode: the scale.")
+    guidance_scale: float = Field(
+        3.5, ge=0, le=100, description="Guidance-distilled flow models (FLUX.1-dev): the guidance value trained with.",
+    )
     seed: Seed = 42
     max_image_pixels: int = Field(
         DEFAULT_MAX_IMAGE_PIXELS, ge=64, le=2_000_000_000,
@@ -385,6 +396,7 @@ TRAINING_FIELDS: tuple[str, ...] = (
     "mixed_precision", "noise_offset", "seed", "optimizer", "init_lora", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
     "bucket_reso_steps", "cache_latents", "cache_text_embeddings",
     "train_file", "eval_fraction", "max_seq_length", "packing", "lora_target_mlp", "load_in_4bit",
+    "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale",
 )
 
 # Training fields added after checkpoints existed: a manifest without one was made with this value.
@@ -393,6 +405,7 @@ ADDED_FIELD_DEFAULTS: dict[str, Any] = {
     "bucket_reso_steps": 64, "cache_latents": False, "cache_text_embeddings": False, "init_lora": None,
     "train_file": None, "eval_fraction": None, "max_seq_length": 1024, "packing": False,
     "lora_target_mlp": False, "load_in_4bit": False,
+    "weighting_scheme": "none", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, "guidance_scale": 3.5,
 }
 
 

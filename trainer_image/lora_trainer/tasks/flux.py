@@ -3,13 +3,14 @@
 Samples -> model inputs: VAE latents `(z - shift_factor) * scaling_factor` (16 channels), CLIP's
 pooled embedding and T5's sequence embeddings (`tokenizer_2.model_max_length` tokens, at most 512),
 text ids (zeros) and image ids (row/column of each 2x2 latent patch).
-Loss: noise and u ~ U(0, 1) from the step's generator (the diffusers script's default weighting
-scheme "none": uniform timesteps, unit loss weights), sigma = the scheduler's sigma at index
-u * num_train_timesteps, then, for a scheduler with dynamic shifting (FLUX.1-dev's), the shift for
+Loss: noise and u from the step's generator, drawn by `weighting_scheme` as the diffusers script
+draws them (default "none": u ~ U(0, 1) and unit loss weights; logit_normal with logit_mean and
+logit_std, mode with mode_scale; sigma_sqrt and cosmap weight the loss), sigma = the scheduler's
+sigma at index u * num_train_timesteps, then, for a scheduler with dynamic shifting (FLUX.1-dev's), the shift for
 the resolution the pipeline samples with: mu = calculate_shift(packed image tokens), sigma ->
 e^mu / (e^mu + 1/sigma - 1) (`resolution_sigma`); x_t = (1 - sigma) z + sigma noise, packed into
-2x2 patches; guidance = GUIDANCE_SCALE (the script's default) when the transformer has
-guidance_embeds; the target is noise - z and the loss its mean squared error.
+2x2 patches; guidance = `guidance_scale` (the script's default 3.5) when the transformer has
+guidance_embeds; the target is noise - z and the loss its weighted mean squared error.
 LoRA on the transformer: `target_modules` unset takes the registry's Flux default, both streams'
 attention (to_q, to_k, to_v, to_out.0 on the image stream and the single blocks; add_q_proj,
 add_k_proj, add_v_proj, to_add_out on the text stream); feed-forward layers (ff.net.0.proj, ff.net.2,
@@ -62,8 +63,6 @@ from lora_trainer.tasks import REGISTRY
 from lora_trainer.tasks.sd import autocast_for, cached_latents, vae_latents
 
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-GUIDANCE_SCALE = 3.5  # train_dreambooth_lora_flux.py's --guidance_scale default (guidance-distilled models)
-WEIGHTING_SCHEME = "none"  # train_dreambooth_lora_flux.py's --weighting_scheme default
 T5_MAX_LENGTH = 512  # the longest T5 sequence FluxPipeline takes
 
 
@@ -168,15 +167,19 @@ def encode_prompts(parts: Components, captions: list[str]) -> tuple[torch.Tensor
     return prompt, pooled
 
 
-def flow_matching_loss(parts: Components, inputs: Inputs, g: torch.Generator) -> torch.Tensor:
+def flow_matching_loss(parts: Components, config: TrainConfig, inputs: Inputs, g: torch.Generator) -> torch.Tensor:
     """Noise, sigma, the packed noisy latents through the transformer, and the weighted MSE to noise - z."""
     latents = inputs.latents
     bsz, channels, height, width = latents.shape
     device, dtype = latents.device, latents.dtype
     noise = torch.randn(latents.shape, generator=g, device=device, dtype=dtype)
-    u = compute_density_for_timestep_sampling(WEIGHTING_SCHEME, bsz, device=device, generator=g)
+    u = compute_density_for_timestep_sampling(
+        config.weighting_scheme, bsz, logit_mean=config.logit_mean, logit_std=config.logit_std,
+        mode_scale=config.mode_scale, device=device, generator=g,
+    )
     scheduler = parts.scheduler
-    indices = (u * scheduler.config.num_train_timesteps).long().cpu()
+    n = scheduler.config.num_train_timesteps
+    indices = (u * n).long().clamp(0, n - 1).cpu()  # a sigmoid or mode draw can round to 1.0
     seq_len = (height // 2) * (width // 2)
     sigmas = resolution_sigma(scheduler.sigmas[indices].float(), seq_len, scheduler.config).to(device, dtype)
     sigmas = sigmas.view(-1, 1, 1, 1)
@@ -186,7 +189,7 @@ def flow_matching_loss(parts: Components, inputs: Inputs, g: torch.Generator) ->
     txt_ids = torch.zeros(inputs.prompt.shape[1], 3, device=device, dtype=dtype)
     guidance = None
     if parts.transformer.config.guidance_embeds:
-        guidance = torch.full((bsz,), GUIDANCE_SCALE, device=device, dtype=torch.float32)
+        guidance = torch.full((bsz,), config.guidance_scale, device=device, dtype=torch.float32)
     with autocast_for(parts.device, parts.weight_dtype):
         pred = parts.transformer(
             hidden_states=packed, timestep=sigmas.flatten(), guidance=guidance, pooled_projections=inputs.pooled,
@@ -194,7 +197,7 @@ def flow_matching_loss(parts: Components, inputs: Inputs, g: torch.Generator) ->
         )[0]
     vae_scale = parts.vae_scale
     pred = FluxPipeline._unpack_latents(pred, height * vae_scale, width * vae_scale, vae_scale)
-    weighting = compute_loss_weighting_for_sd3(WEIGHTING_SCHEME, sigmas)
+    weighting = compute_loss_weighting_for_sd3(config.weighting_scheme, sigmas)
     target = noise - latents
     per_sample = (weighting.float() * (pred.float() - target.float()) ** 2).reshape(bsz, -1).mean(1)
     return per_sample.mean()
@@ -267,7 +270,7 @@ class Flux:
                 torch.cat([r["pooled"] for r in rows]).to(parts.device))
 
     def loss(self, parts: Components, config: TrainConfig, inputs: Inputs, g: torch.Generator) -> torch.Tensor:
-        return flow_matching_loss(parts, inputs, g)
+        return flow_matching_loss(parts, config, inputs, g)
 
     def _text_encoder(self, parts: Components, config: TrainConfig) -> torch.nn.Module | None:
         return parts.text_encoder if config.train_text_encoder else None
