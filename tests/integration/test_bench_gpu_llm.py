@@ -1,4 +1,4 @@
-"""bench/bench_llm_gpu.py runs end to end (smoke: `--device cpu --tiny`; the real run needs a GPU machine).
+"""bench/gpu/llm.py runs end to end (smoke: `--device cpu --tiny`; the real run needs a GPU machine).
 
 Behaviours:
 - the script builds its model from a preset with random weights, trains it with `lora-train` (the
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_llm_gpu.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu" / "llm.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 

@@ -16,9 +16,9 @@ Reported per variant: steady tokens/s (steps after --warmup) and peak GPU memory
 With `--device cpu` (what the smoke test runs, with --tiny: a 2-layer model) training is fp32 and the
 peak is the process's max RSS instead.
 
-    .venv/bin/python bench/bench_llm_gpu.py --size 1b                     # on a GPU machine
-    .venv/bin/python bench/bench_llm_gpu.py --size 8b --gradient-checkpointing --batch 2
-    .venv/bin/python bench/bench_llm_gpu.py --device cpu --tiny --steps 4 --reps 1 --out /tmp/x.json
+    .venv/bin/python bench/gpu/llm.py --size 1b                     # on a GPU machine
+    .venv/bin/python bench/gpu/llm.py --size 8b --gradient-checkpointing --batch 2
+    .venv/bin/python bench/gpu/llm.py --device cpu --tiny --steps 4 --reps 1 --out /tmp/x.json
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 TARGET_VS_BARE = 0.95
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
-DEFAULT_OUT = Path(__file__).parent / "results" / "llm_gpu.json"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "llm_gpu.json"  # bench/results/
 # Llama 3.x shapes (config.json of the released models); tiny is for smoke runs on a CPU.
 PRESETS: dict[str, dict] = {
     "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
