@@ -11,6 +11,7 @@ Behaviours tested:
   and gradient checkpointing too; with the other weighting schemes and another guidance value too;
 - the sigma shift for the resolution is FluxPipeline's (calculate_shift, exponential time shift);
 - a resolution (or bucket step) Flux cannot pack is exit 78 naming the field and a value that works;
+  so is fp16 (Flux overflows it), naming bf16;
 - a config that leaves resolution unset trains Flux at 1024.
 """
 
@@ -31,7 +32,7 @@ from lora_trainer.config import parse_config
 from lora_trainer.errors import EXIT_CONFIG, EXIT_PREEMPTED, ConfigError, Preempted
 from lora_trainer.signals import StopFlag
 from lora_trainer.tasks import REGISTRY, load_family
-from lora_trainer.tasks.flux import check_resolution, resolution_sigma
+from lora_trainer.tasks.flux import check_precision, check_resolution, resolution_sigma
 from lora_trainer.tiny_flux import T5_MAX_LENGTH as TINY_T5_LENGTH
 from lora_trainer.tiny_flux import build_tiny_flux
 from lora_trainer.train import Trainer, read_losses
@@ -261,6 +262,18 @@ def test_unpackable_sizes_are_config_errors(extra: dict, needle: str | None, tmp
     with pytest.raises(ConfigError) as info:
         check_resolution(config, 8)
     assert info.value.exit_code == EXIT_CONFIG and needle in info.value.message
+
+
+@pytest.mark.parametrize(("dtype", "refused"), [(torch.float16, True), (torch.bfloat16, False), (torch.float32, False)])
+def test_fp16_is_refused_naming_the_fix(dtype: torch.dtype, refused: bool) -> None:
+    """mixed_precision fp16 on a GPU (CPU runs in fp32 whatever is asked) is exit 78 pointing at bf16."""
+    if not refused:
+        check_precision(dtype)
+        return
+    with pytest.raises(ConfigError) as info:
+        check_precision(dtype)
+    assert info.value.exit_code == EXIT_CONFIG and info.value.message.startswith("mixed_precision: 'fp16'")
+    assert "use bf16" in info.value.message
 
 
 def test_unset_resolution_takes_the_flux_default(tiny_flux: Path, tiny_data: Path, tmp_path: Path) -> None:

@@ -124,6 +124,15 @@ def check_resolution(config: TrainConfig, vae_scale: int) -> None:
         )
 
 
+def check_precision(weight_dtype: torch.dtype) -> None:
+    """Flux runs in bf16 (or fp32): T5-XXL and the transformer overflow in fp16."""
+    if weight_dtype == torch.float16:
+        raise ConfigError(
+            "mixed_precision: 'fp16' overflows Flux (T5-XXL and the transformer's activations exceed fp16's "
+            "range); use bf16, or no"
+        )
+
+
 def load_components(model_dir: Path, config: TrainConfig) -> Components:
     """Load the transformer, VAE, CLIP and T5 encoders and tokenizers, and the flow-matching scheduler."""
     missing = [sub for sub in SUBFOLDERS if not (model_dir / sub).is_dir()]
@@ -134,6 +143,7 @@ def load_components(model_dir: Path, config: TrainConfig) -> Components:
         )
     device = pick_device(config.device)
     dtype = weight_dtype_for(config.mixed_precision, device)
+    check_precision(dtype)  # before gigabytes are read
     try:
         transformer = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", use_safetensors=True)
         vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", use_safetensors=True)
