@@ -62,6 +62,7 @@ LrScheduler = Literal[
 ]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 WeightingScheme = Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"]  # diffusers' SD3/Flux trainers'
+Determinism = Literal["exact", "fast"]  # lora_trainer.determinism says what each sets on CUDA
 Optimizer = Literal["adamw", "adamw8bit"]  # adamw8bit: bitsandbytes' AdamW8bit, when installed
 Task = Literal["text-to-image", "causal-lm"]
 ModelFamily = Literal["auto", "sd", "sdxl", "flux", "causal-lm"]  # tasks/ registers one family per name (a test keeps them in step)
@@ -245,6 +246,11 @@ class TrainConfig(_Model):
         "no", description="Autocast precision on CUDA; on CPU training always runs in fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.")
+    determinism: Determinism = Field(
+        "exact", description="CUDA kernels: exact (deterministic algorithms, cuBLAS workspace, cuDNN without "
+        "autotuning, math attention, no TF32: resume is bitwise) or fast (torch's fastest kernels: resume exact only "
+        "up to kernel nondeterminism). The CPU is deterministic either way.",
+    )
     cache_latents: bool = Field(False, description="Cache VAE posteriors by content (under cache/ in the output).")
     cache_text_embeddings: bool = Field(
         False, description="Cache text-encoder outputs by caption (frozen text encoders only)."

@@ -8,7 +8,8 @@ The folder is what `checkpoint.commit` uploads under `checkpoints/step-<9 digits
     optimizer.safetensors + optimizer.json                    AdamW moments and param groups
     scheduler.json, scaler.json                               LR scheduler and grad-scaler state
     rng.safetensors + rng.json                                torch CPU/CUDA, Python and NumPy RNG states
-    trainer_state.json                                        step, data position, attempt, config hash
+    trainer_state.json                                        step, data position, attempt, config hash,
+                                                              determinism mode, device type, library versions
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class TrainerState(BaseModel):
     index: int = Field(0, ge=0)
     attempt: int = Field(0, ge=0)
     config_hash: str = ""
+    # How these bits were made (determinism mode, device type, library versions; determinism.py):
+    # a resume compares it and warns naming what changed. Empty in checkpoints made before it.
+    reproducibility: dict[str, str] = Field(default_factory=dict)
 
 
 def state_problem(state: TrainerState, folder_step: int, total_steps: int) -> str | None:

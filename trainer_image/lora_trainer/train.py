@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lora_trainer import checkpoint, contract, gpustats, state
+from lora_trainer import checkpoint, contract, determinism, gpustats, state
 from lora_trainer.architectures import read_lm_config
 from lora_trainer.cache import EncodeCache, cache_kinds
 from lora_trainer.config import (
@@ -38,6 +38,7 @@ from lora_trainer.data import Position
 from lora_trainer.dataset import Dataset, open_dataset
 from lora_trainer.errors import ConfigError, DatasetError, InputMissing, Preempted, ResumeRefused, UserError
 from lora_trainer.fetch import fetch_file
+from lora_trainer.model import pick_device
 from lora_trainer.oom import oom_advice
 from lora_trainer.paths import shorten
 from lora_trainer.progress import ProgressReporter
@@ -250,6 +251,10 @@ class Trainer:
         # Stale scratch from a killed attempt is never trusted; a folder that is not ours is refused.
         prepare_work_dir(self.scratch, "work_dir" if c.work_dir else "cache_dir")
         optimizer_class(c)  # a missing optional optimizer stops the run before the model loads
+        device_type = pick_device(c.device).type
+        determinism.apply(determinism.settings_for(device_type, c.determinism))  # before CUDA starts
+        log.info("determinism %s on %s: %s", c.determinism, device_type, determinism.guarantee(c.determinism, device_type))
+        record = determinism.reproducibility_record(c.determinism, device_type, determinism.library_versions())
         torch.manual_seed(c.seed)
         family, parts, params, data, steps = self._prepare()  # bad inputs fail before the output is touched
         stream = data.stream
@@ -272,6 +277,9 @@ class Trainer:
             resumable, ts = resumed
             step, resumed_from = ts.step, ts.step
             stream.position = Position(ts.epoch, ts.index)
+            if changes := determinism.record_changes(ts.reproducibility, record):
+                log.warning("attempt %d: checkpoint step %d was made with %s; the resumed run may differ in its last "
+                            "bits from an uninterrupted one", attempt, step, ", ".join(changes))
             log.info("attempt %d: resumed from step %d (checkpoint of attempt %d)", attempt, step, resumable.attempt)
         else:
             log.info("attempt %d: starting at step 0 of %d", attempt, steps)
@@ -292,7 +300,7 @@ class Trainer:
             folder = self.scratch / "checkpoints" / checkpoint.step_dir_name(at)
             ts = state.TrainerState(
                 step=at, epoch=stream.position.epoch, index=stream.position.index,
-                attempt=attempt, config_hash=self.hash,
+                attempt=attempt, config_hash=self.hash, reproducibility=record,
             )
             state.save_state(folder, ts, trained, optimizer, lr_scheduler, scaler)
             loras = intermediate_files(family, parts, c, self.scratch, at)
@@ -324,13 +332,15 @@ class Trainer:
             while step < steps:
                 if self.stop.requested:
                     break
-                with oom_advice(c, step + 1, str(parts.device)):  # exit 71 naming the settings to lower
+                # exit 71 naming the settings to lower; exit 78 naming an op without a deterministic kernel
+                with oom_advice(c, step + 1, str(parts.device)), determinism.missing_kernel(step + 1, str(parts.device)):
                     out = train_step(family, parts, c, stream, params, optimizer, lr_scheduler, scaler, step, self.cache)
                 step += 1
                 result.losses[step] = out.loss
                 eval_loss = None
                 if data.eval_batches and (step == steps or (c.eval_steps and step % c.eval_steps == 0)):
-                    eval_loss = evaluate(family, parts, c, data.eval_batches)
+                    with determinism.missing_kernel(step, str(parts.device)):
+                        eval_loss = evaluate(family, parts, c, data.eval_batches)
                 gpu = gpustats.sample(parts.device)  # None on the CPU: nothing added
                 logs.scalar(step, out.loss, out.lr, out.grad_norm, eval_loss=eval_loss, extra=gpustats.metrics_fields(gpu))
                 reporter.update(step, out.loss, tokens=out.tokens, note=gpustats.log_text(gpu))
