@@ -27,6 +27,7 @@ from lora_operator.spec import (
     to_train_config,
 )
 from lora_trainer.contract import ENV_ATTEMPT, ENV_CACHE_DIR, ENV_CONFIG, ENV_RUN_ID
+from lora_trainer.determinism import CUBLAS_ENV, settings_for
 
 TRAINER_UID = 1000
 COMMAND = ["lora-train"]
@@ -84,6 +85,10 @@ def _env(spec: JobSpec, attempt: int, run: str) -> list[dict[str, Any]]:
         # Attempts count per job; the trainer continues the output's fence across jobs (re-apply).
         {"name": ENV_RUN_ID, "value": run},
     ]
+    # cuBLAS reads its workspace setting when it starts: it must be in the environment before the
+    # process runs (determinism: exact on a GPU; lora_trainer.determinism).
+    if workspace := settings_for(config.device, config.determinism).cublas_workspace:
+        env.append({"name": CUBLAS_ENV, "value": workspace})
     storage = spec.storage
     if storage.credentials_secret:
         # Only a reference: the keys never pass through the operator into the pod spec.

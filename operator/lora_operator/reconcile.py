@@ -175,6 +175,7 @@ class _Run:
             self.fail(ENDPOINT_NOT_ALLOWED, refusal)
             return self.finish()
         self.s["outputs"] = st.outputs(spec.output.uri, spec.task, spec.output.merge)
+        self.s["determinism"] = st.determinism_status(spec.training.determinism, spec.resources.gpus)
         self.check_current(spec)
         if self.s.get("phase") not in st.TERMINAL_PHASES:
             if self.adopt_next():

@@ -30,6 +30,7 @@ from lora_trainer.config import (
     AccumSteps,
     Alpha,
     BatchSize,
+    Determinism,
     LearningRate,
     LrScheduler,
     MixedPrecision,
@@ -234,6 +235,11 @@ class TrainingSpec(_Spec):
     center_crop: bool = Field(True, description="Centre crop after resizing; false crops at random.")
     random_flip: bool = Field(False, description="Flip images horizontally at random.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for GPU memory in the UNet.")
+    determinism: Determinism = Field(
+        "exact", description="GPU kernels: exact (deterministic kernels; a resumed run is bitwise equal to an "
+        "uninterrupted one, at a measured cost in speed) or fast (the fastest kernels; resume is exact only up to "
+        "kernel nondeterminism). CPU runs are deterministic either way.",
+    )
     optimizer: Optimizer = Field(
         "adamw", description="adamw (torch), or adamw8bit (bitsandbytes' 8-bit AdamW, less GPU memory; a trainer "
         "image without bitsandbytes fails the job with exit 78, not retried).",
@@ -601,6 +607,7 @@ CONFIG_PATHS: dict[str, str] = {
     "center_crop": "spec.training.centerCrop",
     "random_flip": "spec.training.randomFlip",
     "gradient_checkpointing": "spec.training.gradientCheckpointing",
+    "determinism": "spec.training.determinism",
     "optimizer": "spec.training.optimizer",
     "enable_bucket": "spec.training.buckets.enabled",
     "min_bucket_reso": "spec.training.buckets.minResolution",
@@ -692,6 +699,7 @@ def train_config_data(spec: JobSpec) -> dict[str, Any]:
         "max_grad_norm": t.max_grad_norm,
         "mixed_precision": t.mixed_precision,
         "gradient_checkpointing": t.gradient_checkpointing,
+        "determinism": t.determinism,
         "optimizer": t.optimizer,
         "seed": t.seed,
         "save_steps": spec.checkpoint.every_steps,

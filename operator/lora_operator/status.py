@@ -33,6 +33,7 @@ from lora_trainer.contract import (
     LatestPointer,
     Progress,
 )
+from lora_trainer.determinism import guarantee
 
 CAUSAL_LM = "causal-lm"
 # The causal-lm family's files (lora_trainer.tasks.causal_lm, which imports torch: the operator image
@@ -121,6 +122,14 @@ class OutputStatus(_Status):
     logs: str = Field(max_length=MAX_URI, description="TensorBoard events and train.log.")
 
 
+class DeterminismStatus(_Status):
+    """How exactly a resumed run repeats an uninterrupted one (from spec.training.determinism and the device)."""
+
+    mode: Literal["exact", "fast"] = Field(description="spec.training.determinism.")
+    bitwise: bool = Field(description="Whether a resumed run is bitwise equal to an uninterrupted one.")
+    message: str = Field("", max_length=MAX_MESSAGE, description="The guarantee in words.")
+
+
 class AttemptStatus(_Status):
     """How the last finished attempt ended."""
 
@@ -148,6 +157,10 @@ class JobStatus(_Status):
     progress: ProgressStatus | None = Field(None, description="Training progress from progress.json.")
     latest_checkpoint: CheckpointStatus | None = Field(None, description="Newest committed checkpoint.")
     outputs: OutputStatus | None = Field(None, description="Output URIs.")
+    determinism: DeterminismStatus | None = Field(
+        None, description="The run's determinism: exact (bitwise resume) or fast (exact only up to kernel "
+        "nondeterminism on GPUs).",
+    )
     start_time: str | None = Field(None, max_length=MAX_TIME, description="When the first attempt was started (RFC 3339).")
     completion_time: str | None = Field(None, max_length=MAX_TIME, description="When the job succeeded or failed (RFC 3339).")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Reconciling, Stalled and domain conditions.")
@@ -208,6 +221,12 @@ def outputs(output_uri: str, task: str = "text-to-image", merge: bool = False) -
         "kohyaWeights": join_uri(output_uri, FINAL_WEIGHTS_KOHYA),
         **folders,
     }
+
+
+def determinism_status(mode: str, gpus: int) -> dict[str, Any]:
+    """status.determinism for a job of this mode on GPUs (gpus > 0) or the CPU (pure)."""
+    text = guarantee(mode, "cuda" if gpus > 0 else "cpu")  # type: ignore[arg-type]
+    return {"mode": mode, "bitwise": text.startswith("bitwise"), "message": text}
 
 
 def progress_status(progress: Progress) -> dict[str, Any]:
