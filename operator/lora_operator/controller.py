@@ -16,6 +16,7 @@ first), so a restart or a missed event changes nothing. All state lives in the j
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -90,12 +91,15 @@ class ObjectCache:
     pods: dict[tuple[str, str], dict[str, Mapping[str, Any]]] = field(default_factory=dict)
     gone: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
 
-    def put_job(self, job: Mapping[str, Any]) -> None:
+    def put_job(self, job: Mapping[str, Any]) -> bool:
+        """Keep the job unless an older version; whether it is news (a version not cached yet)."""
         meta = job.get("metadata") or {}
         key = (meta.get("namespace", ""), meta.get("name", ""))
         old = self.jobs.get(key)
         if old is None or not _older(_rv(job), _rv(old)):
             self.jobs[key] = job
+            return old is None or _rv(job) != _rv(old)
+        return False
 
     def drop_job(self, namespace: str, name: str) -> None:
         # Its pods stay until their own DELETED events: a job re-applied under the same name must
@@ -105,15 +109,18 @@ class ObjectCache:
             self.pods.pop((namespace, name), None)
             self.gone.pop((namespace, name), None)
 
-    def put_pod(self, pod: Mapping[str, Any]) -> None:
+    def put_pod(self, pod: Mapping[str, Any]) -> bool:
+        """Keep the pod unless an older version; whether it is news (a version not cached yet)."""
         meta = pod.get("metadata") or {}
         key, name = (meta.get("namespace", ""), (meta.get("labels") or {}).get(JOB_LABEL, "")), meta.get("name", "")
         if _older(_rv(pod), self.gone.get(key, {}).get(name, "")):
-            return  # a version from before its deletion
+            return False  # a version from before its deletion
         pods = self.pods.setdefault(key, {})
         old = pods.get(name)
         if old is None or not _older(_rv(pod), _rv(old)):
             pods[name] = pod
+            return old is None or _rv(pod) != _rv(old)
+        return False
 
     def delete_pod(self, pod: Mapping[str, Any]) -> None:
         meta = pod.get("metadata") or {}
@@ -150,6 +157,7 @@ class Memo:
     cache: ObjectCache = field(default_factory=ObjectCache)
     secrets: dict[tuple[str, str], tuple[float, dict[str, str] | None]] = field(default_factory=dict)
     metrics: Metrics | None = None
+    gone: set[str] = field(default_factory=set)  # uids of jobs deleted while their loop runs
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         """The Secret's data, reused for SECRET_TTL seconds (a rotated key is seen within that)."""
@@ -440,13 +448,13 @@ async def _wait(event: asyncio.Event, stopped: kopf.DaemonStopped, timeout: floa
 
 
 async def job_loop(memo: Memo, namespace: str, name: str, stopped: kopf.DaemonStopped,
-                   logger: logging.Logger | kopf.Logger) -> None:
-    """Reconcile a job until the daemon is stopped; a failing pass is logged and retried."""
+                   logger: logging.Logger | kopf.Logger, uid: str = "") -> None:
+    """Reconcile a job until the daemon is stopped or the job is deleted; a failing pass is logged and retried."""
     key = (namespace, name)
     wake = memo.wakeups.setdefault(key, asyncio.Event())
     state = _LoopState()
     try:
-        while not stopped:
+        while not stopped and uid not in memo.gone:
             wake.clear()
             started = time.monotonic()
             try:
@@ -517,10 +525,13 @@ def build_registry(memo: Memo) -> kopf.OperatorRegistry:
     async def job_daemon(namespace: str, name: str, body: kopf.Body, stopped: kopf.DaemonStopped,
                          logger: kopf.Logger, **_: Any) -> None:
         memo.cache.put_job(dict(body))  # the object that spawned the daemon: a new job's first pass needs no GET
+        uid = str(body.get("metadata", {}).get("uid") or "")
         try:
-            await job_loop(memo, namespace, name, stopped, logger)
+            await job_loop(memo, namespace, name, stopped, logger, uid)
         finally:
-            if stopped:  # the job is gone (or the operator stops): forget its objects
+            gone = uid in memo.gone
+            memo.gone.discard(uid)
+            if stopped or gone:  # the job is gone (or the operator stops): forget its objects
                 memo.cache.drop_job(namespace, name)
                 if memo.metrics is not None:
                     memo.metrics.forget((namespace, name))
@@ -533,8 +544,11 @@ def build_registry(memo: Memo) -> kopf.OperatorRegistry:
         raw = event.get("object")
         if event.get("type") == "DELETED":
             memo.cache.drop_job(meta.get("namespace", ""), meta.get("name", ""))
-        elif isinstance(raw, dict):
-            memo.cache.put_job(raw)
+            if meta.get("uid") and (meta.get("namespace", ""), meta.get("name", "")) in memo.wakeups:
+                memo.gone.add(meta["uid"])  # its loop ends (Kopf stops daemons only of objects it finalizes)
+                memo.wake(meta.get("namespace", ""), meta.get("name", ""))
+        elif isinstance(raw, dict) and not memo.cache.put_job(raw):
+            return  # the echo of our own write (its answer is cached): the loop knows it already
         if meta.get("generation") != status.get("observedGeneration"):  # a spec edit, not our status write
             memo.wake(meta.get("namespace", ""), meta.get("name", ""))
 
@@ -542,10 +556,28 @@ def build_registry(memo: Memo) -> kopf.OperatorRegistry:
     async def pod_event(namespace: str, labels: Mapping[str, str], event: Mapping[str, Any], **_: Any) -> None:
         raw = event.get("object")
         if isinstance(raw, dict):
-            (memo.cache.delete_pod if event.get("type") == "DELETED" else memo.cache.put_pod)(raw)
+            if event.get("type") == "DELETED":
+                memo.cache.delete_pod(raw)
+            elif not memo.cache.put_pod(raw):
+                return  # the echo of our own create (its answer is cached): nothing new for the loop
         memo.wake(namespace, labels[JOB_LABEL])
 
+    _no_finalizer_for_daemons(registry)
     return registry
+
+
+def _no_finalizer_for_daemons(registry: kopf.OperatorRegistry) -> None:
+    """Kopf puts a finalizer on every object a daemon serves, to stop the daemon before the object goes.
+
+    A job needs no clean-up of its own (pods go by owner references, outputs stay in S3); the finalizer
+    cost a PATCH and one more watch event per job (a third of Kopf's work per job at 500 jobs) and kept
+    `kubectl delete` waiting while no operator ran. job_event ends a deleted job's loop instead. Kopf
+    removes the finalizer an older operator put on a job at the job's next event. `@kopf.daemon` has no
+    switch for this, so the registered handler is replaced (tests/unit/test_controller.py pins it)."""
+    spawning = registry._spawning  # noqa: SLF001 - no public way; Kopf is pinned in requirements/
+    spawning._handlers = [  # noqa: SLF001
+        dataclasses.replace(h, requires_finalizer=False) for h in spawning.get_all_handlers()
+    ]
 
 
 async def run_operator(settings: Settings, *, kubeconfig: str | None = None, stop_flag: Any = None,

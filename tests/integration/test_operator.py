@@ -334,10 +334,24 @@ def test_suspend_resume_and_delete(kube_api: KubeTarget, cluster: Cluster, s3_en
 
         c.patch_spec("pause", {"suspend": False})
         eventually(lambda: _assert(c.pods("pause") == ["pause-a2"]), 10)
+        assert not c.job("pause")["metadata"].get("finalizers")  # nothing to clean up: delete is immediate
         c.custom.delete_namespaced_custom_object(GROUP, VERSION, c.ns, PLURAL, "pause")
         eventually(lambda: _assert(c.pods("pause") == []), 15)
         eventually(lambda: _assert_gone(c, "pause"), 15)
     assert s3.get_object(Bucket=s3_env.bucket, Key="outputs/job/keep.txt")["Body"].read() == b"data"
+
+
+def test_finalizer_of_an_older_operator_is_removed(kube_api: KubeTarget, cluster: Cluster) -> None:
+    """Earlier operators put a finalizer on every job (Kopf's daemons ask for one); this one takes it off."""
+    c = cluster
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LoRATrainingJob",
+            "metadata": {"name": "legacy", "finalizers": [f"{GROUP}/finalizer"]}, "spec": job_spec()}
+    c.custom.create_namespaced_custom_object(GROUP, VERSION, c.ns, PLURAL, body)
+    with operator(kube_api, c.ns):
+        eventually(lambda: _assert(c.pods("legacy") == ["legacy-a1"]), 20)
+        eventually(lambda: _assert(not c.job("legacy")["metadata"].get("finalizers")), 15)
+        c.custom.delete_namespaced_custom_object(GROUP, VERSION, c.ns, PLURAL, "legacy")
+        eventually(lambda: _assert_gone(c, "legacy"), 15)
 
 
 def test_bad_specs(kube_api: KubeTarget, cluster: Cluster) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from lora_operator import kube as k
-from lora_operator.controller import Memo, QuietWakeups, StatusRefused, _LoopState, reconcile_job
+from lora_operator.controller import Memo, QuietWakeups, StatusRefused, _LoopState, build_registry, reconcile_job
 from lora_operator.emulator.patches import merge_patch
 from lora_operator.status import get_condition
 from tests.unit.builders import SETTINGS, make_job, make_pod, ts
@@ -109,3 +109,11 @@ def test_no_events_when_even_the_short_status_is_refused() -> None:
         with pytest.raises(StatusRefused):
             asyncio.run(reconcile_job(memo, "ml", "job", logging.getLogger("test.controller"), _LoopState()))
     assert events == [] and api.job["status"]["phase"] == "Running"
+
+
+def test_daemons_put_no_finalizer_on_jobs() -> None:
+    """Kopf's daemon decorator always asks for a finalizer; build_registry takes that back (a Kopf
+    upgrade that renames these internals fails here, not as jobs that cannot be deleted)."""
+    registry = build_registry(Memo(settings=SETTINGS, kube=None))  # type: ignore[arg-type]
+    daemons = registry._spawning.get_all_handlers()  # noqa: SLF001
+    assert daemons and all(h.requires_finalizer is False for h in daemons)
