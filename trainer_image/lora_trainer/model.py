@@ -80,6 +80,15 @@ def add_text_encoder_lora(encoder: torch.nn.Module, config: TrainConfig) -> None
         ) from None
 
 
+def checkpoint_text_encoder(encoder: torch.nn.Module) -> None:
+    """Gradient checkpointing on a trained transformers text encoder. Non-reentrant: the frozen embeddings
+    feed the layers no input that needs grad, and reentrant checkpointing would then drop the LoRA grads
+    inside. Train mode: transformers checkpoints a layer only while `training` (CLIP's dropout is 0, so
+    the math is unchanged; the diffusers example trains its text encoder in train mode too)."""
+    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    encoder.train()
+
+
 def trainable_params(modules: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
     """The trainable (LoRA) parameters, made fp32 even when the frozen base runs in half precision."""
     params: list[torch.nn.Parameter] = []

@@ -43,6 +43,7 @@ from lora_trainer.initlora import load_init_lora
 from lora_trainer.model import (
     add_denoiser_lora,
     add_text_encoder_lora,
+    checkpoint_text_encoder,
     freeze,
     load_failed,
     pick_device,
@@ -151,8 +152,8 @@ class StableDiffusionXL:
         if config.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
             if config.train_text_encoder:
-                parts.text_encoder.gradient_checkpointing_enable()
-                parts.text_encoder_2.gradient_checkpointing_enable()
+                checkpoint_text_encoder(parts.text_encoder)
+                checkpoint_text_encoder(parts.text_encoder_2)
         return params
 
     def trainable(self, parts: Components, config: TrainConfig) -> dict[str, torch.nn.Module]:
