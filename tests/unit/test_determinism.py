@@ -35,7 +35,7 @@ from lora_trainer.errors import EXIT_CONFIG, ConfigError
 
 EXACT_CUDA = KernelSettings(
     deterministic_algorithms=True, cublas_workspace=":4096:8", cudnn_deterministic=True, cudnn_benchmark=False,
-    sdpa_backends=("math",), fp32_precision="ieee",
+    sdpa_backends=("math",), tf32=False,
 )
 
 
@@ -46,7 +46,7 @@ EXACT_CUDA = KernelSettings(
     ("cuda", "exact", EXACT_CUDA),
     ("cuda", "fast", KernelSettings(
         deterministic_algorithms=False, cudnn_deterministic=False, cudnn_benchmark=True,
-        sdpa_backends=("flash", "mem_efficient", "cudnn", "math"), fp32_precision="tf32",
+        sdpa_backends=("flash", "mem_efficient", "cudnn", "math"), tf32=True,
     )),
 ])
 def test_settings_table(device: str, mode: str, expected: KernelSettings) -> None:
@@ -86,14 +86,15 @@ def torch_globals(monkeypatch: pytest.MonkeyPatch):
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, cuda.flash_sdp_enabled(),
              cuda.mem_efficient_sdp_enabled(), cuda.cudnn_sdp_enabled(), cuda.math_sdp_enabled(),
-             cuda.matmul.fp32_precision, torch.backends.cudnn.fp32_precision)
+             cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
     yield
-    det, warn, cudnn_det, bench, flash, mem, cudnn_sdp, math, matmul, conv = saved
+    det, warn, cudnn_det, bench, flash, mem, cudnn_sdp, math, matmul, conv, precision = saved
     torch.use_deterministic_algorithms(det, warn_only=warn)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_det, bench
     cuda.enable_flash_sdp(flash), cuda.enable_mem_efficient_sdp(mem)
     cuda.enable_cudnn_sdp(cudnn_sdp), cuda.enable_math_sdp(math)
-    cuda.matmul.fp32_precision, torch.backends.cudnn.fp32_precision = matmul, conv
+    cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
+    torch.set_float32_matmul_precision(precision)
 
 
 def test_apply_exact_sets_torch_globals(torch_globals) -> None:
@@ -104,7 +105,14 @@ def test_apply_exact_sets_torch_globals(torch_globals) -> None:
     cuda = torch.backends.cuda
     assert (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.cudnn_sdp_enabled(),
             cuda.math_sdp_enabled()) == (False, False, False, True)
-    assert cuda.matmul.fp32_precision == "ieee" and torch.backends.cudnn.fp32_precision == "ieee"
+    assert not cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert torch.get_float32_matmul_precision() == "highest"
+    # consistent with the new API too, and readable every way (libraries read either)
+    assert cuda.matmul.fp32_precision == "ieee" and torch.backends.cudnn.conv.fp32_precision in ("ieee", "none")
+    determinism.apply(settings_for("cuda", "fast"))
+    assert cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
+    assert torch.get_float32_matmul_precision() == "high" and not torch.are_deterministic_algorithms_enabled()
+    determinism.apply(settings_for("cuda", "exact"))
     determinism.apply(settings_for("cpu", "exact"))  # the CPU changes nothing
     assert torch.are_deterministic_algorithms_enabled()
 

@@ -10,8 +10,11 @@ deterministic kernel turned into a clear error.
 - cuDNN deterministic, benchmark off (autotuning may pick another algorithm per process);
 - scaled-dot-product attention on the math backend only: flash and cuDNN attention use atomics
   in backward, and the memory-efficient kernel is only deterministic on some builds;
-- TF32 off for float32 matmuls and convolutions ("ieee"), so results do not depend on a global
-  default nor on NVIDIA_TF32_OVERRIDE. Autocast bf16/fp16 is unaffected (it is the config's).
+- TF32 off for float32 matmuls and cuDNN convolutions, so results do not depend on a global
+  default. Set through the legacy flags (`allow_tf32`, `set_float32_matmul_precision`): torch 2.13
+  keeps them consistent with the new `fp32_precision` ones, while setting only the new ones makes
+  libraries that read the legacy flags raise ("a mix of the legacy and new APIs"). Autocast
+  bf16/fp16 is unaffected (it is the config's).
 
 `fast` leaves determinism off and lets torch choose: cuDNN autotuning, every attention backend,
 TF32. A resumed run then matches an uninterrupted one only up to kernel nondeterminism.
@@ -53,7 +56,7 @@ class KernelSettings:
     cudnn_deterministic: bool | None = None
     cudnn_benchmark: bool | None = None
     sdpa_backends: tuple[str, ...] | None = None  # the enabled ones; the rest are disabled
-    fp32_precision: str | None = None  # "ieee" (no TF32) or "tf32", matmul and cuDNN alike
+    tf32: bool | None = None  # TF32 for float32 matmuls and cuDNN convolutions
 
 
 def settings_for(device_type: str, mode: Determinism) -> KernelSettings:
@@ -63,11 +66,11 @@ def settings_for(device_type: str, mode: Determinism) -> KernelSettings:
     if mode == "exact":
         return KernelSettings(
             deterministic_algorithms=True, cublas_workspace=CUBLAS_VALUE, cudnn_deterministic=True,
-            cudnn_benchmark=False, sdpa_backends=("math",), fp32_precision="ieee",
+            cudnn_benchmark=False, sdpa_backends=("math",), tf32=False,
         )
     return KernelSettings(
         deterministic_algorithms=False, cudnn_deterministic=False, cudnn_benchmark=True,
-        sdpa_backends=SDPA_BACKENDS, fp32_precision="tf32",
+        sdpa_backends=SDPA_BACKENDS, tf32=True,
     )
 
 
@@ -108,9 +111,10 @@ def apply(settings: KernelSettings) -> None:
         torch.backends.cuda.enable_mem_efficient_sdp("mem_efficient" in on)
         torch.backends.cuda.enable_cudnn_sdp("cudnn" in on)
         torch.backends.cuda.enable_math_sdp("math" in on)
-    if settings.fp32_precision is not None:
-        torch.backends.cuda.matmul.fp32_precision = settings.fp32_precision
-        torch.backends.cudnn.fp32_precision = settings.fp32_precision
+    if settings.tf32 is not None:
+        torch.backends.cuda.matmul.allow_tf32 = settings.tf32
+        torch.backends.cudnn.allow_tf32 = settings.tf32
+        torch.set_float32_matmul_precision("high" if settings.tf32 else "highest")
 
 
 _MISSING = re.compile(r"^(?P<op>\S+) does not have a deterministic implementation")
