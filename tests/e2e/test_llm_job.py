@@ -6,6 +6,7 @@ and runs the real trainer; S3 is moto on a free port):
 - examples/llm-tiny-job.yaml, with the tiny Llama folder and one JSONL file uploaded (built from configs
   with fixed seeds, nothing downloaded), ends Succeeded after exactly one preemption and no failure, on
   attempt 2: its pod was reclaimed like a spot node shutdown once the first checkpoint was committed;
+  status.outputs names the PEFT adapter (adapter_model.safetensors and its folder), no kohya file;
 - attempt 1 stopped with exit 75 at the step of the checkpoint it committed, and attempt 2's trainer
   resumed from that step;
 - the PEFT adapter at the output root (adapter_model.safetensors, adapter_config.json) is sha256-equal to
@@ -150,6 +151,9 @@ def test_causal_lm_job_succeeds_after_one_preemption(outcome: Outcome) -> None:
     assert (status["preemptions"], status["failures"], status["attempt"]) == (1, 0, 2)
     spec = yaml.safe_load(MANIFEST.read_text())["spec"]
     assert status["progress"]["step"] == status["progress"]["totalSteps"] == spec["training"]["maxTrainSteps"]
+    output = spec["output"]["uri"]
+    assert status["outputs"]["weights"] == output + "adapter_model.safetensors"  # the PEFT adapter, not a diffusers file
+    assert status["outputs"]["adapter"] == output and "kohyaWeights" not in status["outputs"]
 
 
 def test_attempt_2_resumed_from_the_committed_checkpoint(outcome: Outcome) -> None:
