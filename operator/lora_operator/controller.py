@@ -90,6 +90,9 @@ class ObjectCache:
     jobs: dict[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
     pods: dict[tuple[str, str], dict[str, Mapping[str, Any]]] = field(default_factory=dict)
     gone: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    # The output each live job uses, kept with the job: a job about to start compares its output with
+    # every other live job's (OutputInUse), and rebuilding them all on each pass was quadratic.
+    outputs: dict[tuple[str, str], OutputUse] = field(default_factory=dict)
 
     def put_job(self, job: Mapping[str, Any]) -> bool:
         """Keep the job unless an older version; whether it is news (a version not cached yet)."""
@@ -98,6 +101,10 @@ class ObjectCache:
         old = self.jobs.get(key)
         if old is None or not _older(_rv(job), _rv(old)):
             self.jobs[key] = job
+            if (use := output_use(job)) is None:
+                self.outputs.pop(key, None)
+            else:
+                self.outputs[key] = use
             return old is None or _rv(job) != _rv(old)
         return False
 
@@ -105,6 +112,7 @@ class ObjectCache:
         # Its pods stay until their own DELETED events: a job re-applied under the same name must
         # see the old run's pods (still stopping) on its first, cached, pass.
         self.jobs.pop((namespace, name), None)
+        self.outputs.pop((namespace, name), None)
         if not self.pods.get((namespace, name)):
             self.pods.pop((namespace, name), None)
             self.gone.pop((namespace, name), None)
@@ -257,7 +265,7 @@ def _output_users(memo: Memo, status: Mapping[str, Any]) -> list[OutputUse]:
     idle = not status.get("attempt") or (status.get("lastAttempt") or {}).get("attempt") == status.get("attempt")
     if status.get("phase") in TERMINAL_PHASES or not idle:
         return []
-    return [use for other in list(memo.cache.jobs.values()) if (use := output_use(other)) is not None]
+    return list(memo.cache.outputs.values())
 
 
 class StatusRefused(k.KubeError):
