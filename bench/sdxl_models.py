@@ -1,9 +1,9 @@
 """SDXL-shaped pipelines built from configs with fixed seeds, for the SDXL benchmarks (no downloads).
 
-Three sizes of the same architecture (a `text_time` UNet with cross-attention on two concatenated
+Two sizes of the same architecture (a `text_time` UNet with cross-attention on two concatenated
 CLIP text encoders, the second one projected and pooled; an SDXL-scaled VAE):
 
-    small  a few million parameters, proportioned like SDXL (three UNet levels, the deepest with
+    small  about ten million parameters, proportioned like SDXL (three UNet levels, the deepest with
            the most transformer layers, a four-level VAE, two text encoders the second the wider),
            so the VAE and the text encoders cost a share of a step as they do in the real model;
     full   SDXL base 1.0's published configs (2.6 B UNet parameters, CLIP ViT-L and bigG text
