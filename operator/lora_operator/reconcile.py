@@ -9,7 +9,6 @@ name is deterministic (409 = done) and a pod one attempt ahead of the status is 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -40,6 +39,17 @@ from lora_operator.settings import Settings, endpoint_refusal
 from lora_operator.spec import JobSpec, SpecError, parse_spec, to_train_config
 from lora_operator.ttl import TTL_EXPIRED, ttl_decision
 from lora_trainer.contract import LatestPointer, Progress
+
+
+def copy_json(value: Any) -> Any:
+    """A deep copy of JSON-shaped data (dicts, lists, scalars): what copy.deepcopy does for a status,
+    several times faster (no memo, no dispatch); every pass of every job copies its status."""
+    if isinstance(value, dict):
+        return {key: copy_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [copy_json(item) for item in value]
+    return value
+
 
 KEEP_FINISHED_PODS = 2  # finished pods of the last attempts stay for `kubectl logs`
 
@@ -115,7 +125,7 @@ class _Run:
         self.pods = [p for p in obs.pods if is_owned_by(p, uid)]
         self.foreign_pods = [p for p in obs.pods if not is_owned_by(p, uid)]
         self.foreign = {p["metadata"]["name"] for p in self.foreign_pods}
-        self.d = Decision(status=copy.deepcopy(dict(self.old)))
+        self.d = Decision(status=copy_json(dict(self.old)))
         self.s = self.d.status
         self.s.setdefault("attempt", 0)
         self.s.setdefault("preemptions", 0)
