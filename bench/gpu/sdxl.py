@@ -21,6 +21,7 @@ It lives under bench/gpu/ so that run_all.py (every bench/bench_*.py, on CPU mac
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     if a.device == "cuda" and not torch.cuda.is_available():
         print("SKIP: no CUDA device here; run on a GPU machine, or `--device cpu --tiny` for the smoke test")
         return
+    if a.device == "cuda":
+        # As the operator sets it in a GPU pod (lora-train's default determinism, exact, needs it); given to
+        # both programs so that cuBLAS runs with one workspace setting in each.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     base = TINY_CPU if a.tiny else GPU
     s = Settings(**{**base.__dict__, "device": a.device,
                     "mixed_precision": "bf16" if a.device == "cuda" else "no",
