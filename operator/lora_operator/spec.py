@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -477,6 +478,7 @@ def _check_training_options(spec: JobSpec) -> None:
         )
 
 
+@lru_cache(maxsize=8192)  # the OutputInUse check compares every new job's output with every live job's
 def _uri_parts(uri: str) -> tuple[str, tuple[str, ...]]:
     """(scheme://host, path segments) with empty, `.` and `..` segments resolved."""
     scheme, sep, rest = uri.partition("://")
