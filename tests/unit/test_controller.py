@@ -21,7 +21,14 @@ from typing import Any
 import pytest
 
 from lora_operator import kube as k
-from lora_operator.controller import Memo, QuietWakeups, StatusRefused, _LoopState, build_registry, reconcile_job
+from lora_operator.controller import (
+    Memo,
+    QuietWakeups,
+    StatusRefused,
+    _LoopState,
+    build_registry,
+    reconcile_job,
+)
 from lora_operator.emulator.patches import merge_patch
 from lora_operator.status import get_condition
 from tests.unit.builders import SETTINGS, make_job, make_pod, ts
@@ -117,3 +124,5 @@ def test_daemons_put_no_finalizer_on_jobs() -> None:
     registry = build_registry(Memo(settings=SETTINGS, kube=None))  # type: ignore[arg-type]
     daemons = registry._spawning.get_all_handlers()  # noqa: SLF001
     assert daemons and all(h.requires_finalizer is False for h in daemons)
+    # LeanDiffBaseStorage keeps only the generation of a job: right only while nothing detects changes.
+    assert registry._changing.get_all_handlers() == []  # noqa: SLF001
