@@ -331,7 +331,8 @@ def plan_kill(rng: random.Random, ref: Reference, allow_export: bool, after_comm
     """Draw the phase and signal of the next kill; the step is drawn once the attempt has started.
 
     An attempt may finish its export before the signal, so the export is drawn only once a checkpoint
-    is committed (`allow_export`): never for a run's first kill, and the attempt then resumes."""
+    is committed (`allow_export`): never for a run's first kill, and the attempt then resumes. The
+    caller allows it for a run's last kill only: after an export kill little is left to kill."""
     phases = PHASES if allow_export else PHASES[:-1]
     if after_commit:  # a start-up kill cannot wait for a commit
         phases = tuple(p for p in phases if p != "start-up")
@@ -384,7 +385,9 @@ def chaos_run(config: dict, env: dict[str, str], workdir: Path, s3: S3Config, re
         plan = None
         if tally.kills < kills:
             last_kill = tally.kills == kills - 1
-            plan = plan_kill(rng, ref, allow_export=committed, after_commit=last_kill and not committed)
+            # An export kill leaves the next attempt only the export to do (seconds): the run would
+            # end with kills still planned, so it is kept for a run's last kill.
+            plan = plan_kill(rng, ref, allow_export=committed and last_kill, after_commit=last_kill and not committed)
         a = run_attempt(config, env, workdir / f"attempt-{run}", timeout=ref.deadline(1), plan=plan,
                         draw=draw, pace=ref)
         attempts.append(a)
