@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 JOB_MANIFEST = REPO / "examples" / "tiny-job.yaml"
 DEFAULT_WORKDIR = Path(".demo")
-DEFAULT_TIMEOUT = 240.0  # the whole scenario takes well under a minute on 2 cores
+DEFAULT_TIMEOUT = 900.0  # a safety net: the scenario takes about a minute on 2 idle cores, 5+ at load 10
 QUIET_LOGGERS = ("aiohttp.access", "werkzeug", "urllib3", "botocore", "kubernetes", "matplotlib", "PIL")
 # No model hub here; and the libraries' import-time advice and progress bars are noise in a demo.
 QUIET_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
