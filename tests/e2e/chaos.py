@@ -247,6 +247,25 @@ def run_trainer(config: dict, env: dict[str, str], workdir: Path, attempt: int |
     return a.code, a.timed_out
 
 
+def kill_after_first_commit_and_resume(config: dict, env: dict[str, str], workdir: Path, s3: S3Config,
+                                       ref: Reference) -> Store:
+    """SIGKILL a run once its first checkpoint commit is logged, start it again, and check that it resumed
+    from a committed step and ended equal to `ref` (weights sha256, per-step losses); the output's store."""
+    plan = KillPlan("step", signal.SIGKILL, step=1, after_commit=True)
+    first = run_attempt(config, env, workdir / "a1", plan=plan, draw=lambda plan, watch: None,
+                        timeout=ref.deadline(1))
+    assert first.killed and first.code == -signal.SIGKILL, (first.code, first.timed_out)
+    assert first.log.commits, "killed before a checkpoint was committed"
+    store = open_store(config["output_dir"], s3)
+    committed = manifests(store)
+    assert committed and max(committed) < config["max_train_steps"]  # killed mid-run, not after the end
+    second = run_attempt(config, env, workdir / "a2", timeout=ref.deadline(1))
+    assert second.code == 0 and not second.timed_out, (second.code, second.timed_out)
+    assert second.log.resumed and second.log.start_step in committed, (second.log.resumed, second.log.start_step)
+    assert read_result(store) == (ref.weights_sha256, ref.losses)
+    return store
+
+
 def manifests(store: Store) -> dict[int, Manifest]:
     """Every committed checkpoint's MANIFEST, by step."""
     out = {}

@@ -12,16 +12,14 @@ Deadlines are multiples of the uninterrupted reference run measured first (tests
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import pytest
 
 from lora_trainer.config import S3Config
-from lora_trainer.storage import open_store
 from lora_trainer.tiny_llm import build_tiny_llm, write_tiny_jsonl
 from lora_trainer.train import read_metric
-from tests.e2e.chaos import KillPlan, Reference, base_env, manifests, read_result, reference_run, run_attempt
+from tests.e2e.chaos import Reference, base_env, kill_after_first_commit_and_resume, reference_run
 from tests.e2e.deadlines import FUNC_ONLY, set_deadline
 
 pytestmark = FUNC_ONLY
@@ -69,18 +67,7 @@ def deadline(request: pytest.FixtureRequest, reference: Reference) -> float:
 def test_sigkill_after_first_commit_resumes_exactly(inputs, reference: Reference, reference_eval: dict[int, float],
                                                     tmp_path: Path) -> None:
     config = llm_run(*inputs, tmp_path / "out", tmp_path / "cache")
-    plan = KillPlan("step", signal.SIGKILL, step=1, after_commit=True)
-    first = run_attempt(config, base_env(), tmp_path / "a1", plan=plan, draw=lambda plan, watch: None,
-                        timeout=reference.deadline(1))
-    assert first.killed and first.code == -signal.SIGKILL, (first.code, first.timed_out)
-    assert first.log.commits, "killed before a checkpoint was committed"
-    store = open_store(config["output_dir"], LOCAL)
-    committed = manifests(store)
-    assert committed and max(committed) < config["max_train_steps"]  # killed mid-run, not after the end
-    second = run_attempt(config, base_env(), tmp_path / "a2", timeout=reference.deadline(1))
-    assert second.code == 0 and not second.timed_out
-    assert second.log.resumed and second.log.start_step in committed
+    store = kill_after_first_commit_and_resume(config, base_env(), tmp_path, LOCAL, reference)
     assert store.exists("adapter_model.safetensors")  # read_result judged the PEFT adapter, not a fallback
-    assert read_result(store) == (reference.weights_sha256, reference.losses)
     assert sorted(reference_eval) == [4, 8, 12]
     assert read_metric(store.get_bytes(METRICS).decode(), "eval_loss") == reference_eval
