@@ -174,7 +174,9 @@ class CausalLM:
 
     def loss(self, parts: Components, config: TrainConfig, inputs: TextBatch, g: torch.Generator) -> torch.Tensor:
         """Mean next-token cross-entropy over the labelled tokens (transformers' shifted loss)."""
-        parts.model.train(torch.is_grad_enabled())  # LoRA dropout while training, none for eval loss
+        training = torch.is_grad_enabled()  # LoRA dropout while training, none for eval loss
+        if parts.model.training != training:  # a walk over every module: only when the mode changes
+            parts.model.train(training)
         with autocast_for(parts.device, parts.weight_dtype):
             out = parts.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, labels=inputs.labels)
         return out.loss.float()
