@@ -46,6 +46,7 @@ from lora_trainer.config import (
     WeightingScheme,
     format_validation_error,
 )
+from lora_trainer.quantize import QuantizeBase
 
 GROUP = "lora-operator.dev"
 VERSION = "v1alpha1"
@@ -236,6 +237,11 @@ class TrainingSpec(_Spec):
     center_crop: bool = Field(True, description="Centre crop after resizing; false crops at random.")
     random_flip: bool = Field(False, description="Flip images horizontally at random.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for GPU memory in the UNet.")
+    quantize_base: QuantizeBase = Field(
+        "none", description="Diffusion-transformer families (Flux): keep the frozen base's weights in int8 or fp8 "
+        "(torchao weight-only, less GPU memory; a trainer image without torchao fails the job with exit 78, not "
+        "retried; fp8 needs compute capability 8.9+). Not guaranteed bit-exact on resume; none keeps the run's dtype.",
+    )
     determinism: Determinism = Field(
         "exact", description="GPU kernels: exact (deterministic kernels; a resumed run is bitwise equal to an "
         "uninterrupted one, at a measured cost in speed) or fast (the fastest kernels; resume is exact only up to "
@@ -609,6 +615,7 @@ CONFIG_PATHS: dict[str, str] = {
     "center_crop": "spec.training.centerCrop",
     "random_flip": "spec.training.randomFlip",
     "gradient_checkpointing": "spec.training.gradientCheckpointing",
+    "quantize_base": "spec.training.quantizeBase",
     "determinism": "spec.training.determinism",
     "optimizer": "spec.training.optimizer",
     "enable_bucket": "spec.training.buckets.enabled",
@@ -701,6 +708,7 @@ def train_config_data(spec: JobSpec) -> dict[str, Any]:
         "max_grad_norm": t.max_grad_norm,
         "mixed_precision": t.mixed_precision,
         "gradient_checkpointing": t.gradient_checkpointing,
+        "quantize_base": t.quantize_base,
         "determinism": t.determinism,
         "optimizer": t.optimizer,
         "seed": t.seed,

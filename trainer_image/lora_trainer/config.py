@@ -52,6 +52,7 @@ from lora_trainer.paths import (
     s3_uri_problem,
     shorten,
 )
+from lora_trainer.quantize import QuantizeBase
 from lora_trainer.single_file import pickle_problem
 
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -246,6 +247,11 @@ class TrainConfig(_Model):
         "no", description="Autocast precision on CUDA; on CPU training always runs in fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.")
+    quantize_base: QuantizeBase = Field(
+        "none", description="Diffusion-transformer families (Flux): the frozen denoiser's weights in int8 or fp8 "
+        "(torchao weight-only; needs the torchao package and a CUDA GPU, else exit 78; resume is not guaranteed "
+        "bit-exact: quantized CUDA kernels may be nondeterministic). none keeps them in the run's dtype.",
+    )
     determinism: Determinism = Field(
         "exact", description="CUDA kernels: exact (deterministic algorithms, cuBLAS workspace, cuDNN without "
         "autotuning, math attention, no TF32: resume is bitwise) or fast (torch's fastest kernels: resume exact only "
@@ -402,7 +408,7 @@ TRAINING_FIELDS: tuple[str, ...] = (
     "mixed_precision", "noise_offset", "seed", "optimizer", "init_lora", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
     "bucket_reso_steps", "cache_latents", "cache_text_embeddings",
     "train_file", "eval_fraction", "max_seq_length", "packing", "lora_target_mlp", "load_in_4bit",
-    "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale",
+    "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale", "quantize_base",
 )
 
 # Training fields added after checkpoints existed: a manifest without one was made with this value.
@@ -411,7 +417,7 @@ ADDED_FIELD_DEFAULTS: dict[str, Any] = {
     "bucket_reso_steps": 64, "cache_latents": False, "cache_text_embeddings": False, "init_lora": None,
     "train_file": None, "eval_fraction": None, "max_seq_length": 1024, "packing": False,
     "lora_target_mlp": False, "load_in_4bit": False,
-    "weighting_scheme": "none", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, "guidance_scale": 3.5,
+    "weighting_scheme": "none", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, "guidance_scale": 3.5, "quantize_base": "none",
 }
 
 

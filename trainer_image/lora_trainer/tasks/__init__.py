@@ -44,6 +44,7 @@ from lora_trainer import contract
 from lora_trainer.architectures import default_targets, is_causal_lm, read_lm_config
 from lora_trainer.errors import ConfigError, InputMissing
 from lora_trainer.paths import shorten
+from lora_trainer.quantize import check_supported
 
 if TYPE_CHECKING:
     import torch
@@ -100,6 +101,7 @@ class FamilyInfo:
     default_resolution: int = 512    # `resolution` when the config leaves it unset
     task: str = "text-to-image"      # the config `task` it trains
     data: str = "images"             # its training data's source (lora_trainer.dataset.SOURCES)
+    quantizable: bool = False        # its load honours quantize_base (the frozen denoiser in int8/fp8)
     # target_modules when the config leaves them unset: (model_type, lora_target_mlp) -> modules
     targets: Callable[[str | None, bool], list[str]] = field(default=lambda _type, _mlp: unet_targets())
 
@@ -112,7 +114,7 @@ REGISTRY: dict[str, FamilyInfo] = {
         FamilyInfo("sdxl", "SDXL", ("StableDiffusionXLPipeline",), ("sdxl",),
                    "StableDiffusionXLPipeline", "lora_trainer.tasks.sdxl", default_resolution=1024),
         FamilyInfo("flux", "Flux", ("FluxPipeline",), (), "FluxPipeline", "lora_trainer.tasks.flux",
-                   default_resolution=1024,  # both streams' attention; the feed-forward is opt-in
+                   default_resolution=1024, quantizable=True,  # both streams' attention; the feed-forward is opt-in
                    targets=lambda _type, _mlp: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
                                                 "add_v_proj", "to_add_out"]),
         FamilyInfo("causal-lm", "causal language model", (), (), "", "lora_trainer.tasks.causal_lm",
@@ -234,6 +236,7 @@ def with_family_defaults(config: TrainConfig, info: FamilyInfo, model_type: str 
     `target_modules` (per architecture: `model_type` from a transformers config.json).
 
     The run hashes, checks and backs up this config, so they record the values used."""
+    check_supported(config.quantize_base, info.quantizable, info.title)
     update: dict[str, Any] = {}
     if config.resolution is None:
         update["resolution"] = info.default_resolution

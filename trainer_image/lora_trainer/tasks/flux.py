@@ -59,6 +59,7 @@ from lora_trainer.model import (
     weight_dtype_for,
 )
 from lora_trainer.paths import shorten
+from lora_trainer.quantize import quantization_config
 from lora_trainer.tasks import REGISTRY
 from lora_trainer.tasks.sd import autocast_for, cached_latents, vae_latents
 
@@ -144,8 +145,15 @@ def load_components(model_dir: Path, config: TrainConfig) -> Components:
     device = pick_device(config.device)
     dtype = weight_dtype_for(config.mixed_precision, device)
     check_precision(dtype)  # before gigabytes are read
+    # quantize_base: torchao weight-only at load (exit 78 before any read when torchao is absent). Not run
+    # here (no torchao, no GPU); peft then wraps torchao's quantized Linear layers with its LoRA layers.
+    quantized: dict[str, Any] = {}
+    if (qconfig := quantization_config(config.quantize_base)) is not None:
+        quantized = {"quantization_config": qconfig, "torch_dtype": dtype}
     try:
-        transformer = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", use_safetensors=True)
+        transformer = FluxTransformer2DModel.from_pretrained(
+            model_dir, subfolder="transformer", use_safetensors=True, **quantized
+        )
         vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", use_safetensors=True)
         te1 = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", use_safetensors=True)
         te2 = T5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder_2", use_safetensors=True)
