@@ -9,6 +9,9 @@
 #   bash bench/gpu/check.sh                  # on a CUDA machine (installs the virtualenv first if missing)
 #   bash bench/gpu/check.sh --device cpu     # the end-to-end proof on a CPU: SD only, a few steps
 #
+#   3. bench/gpu/sdxl.py         only when DIFFUSERS_SCRIPT names diffusers' train_text_to_image_lora_sdxl.py:
+#      the same figures (steps/s, peak memory) for it and for lora-train on the same model and data
+#
 # DETERMINISM_BUDGET (seconds, default 330): no family of step 1 starts after it, so step 2 still fits.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -33,5 +36,13 @@ else
   "$python" bench/gpu/check.py --device cpu --variants fp32 --steps 2 --out "$results/gpu_check_cpu.json"
   chk=$?
 fi
-echo "bench/gpu/check.sh on $device: determinism.py exit $det, check.py exit $chk, $(( $(date +%s) - start ))s"
-[[ $det -eq 0 && $chk -eq 0 ]]
+ref=0
+if [[ -n "${DIFFUSERS_SCRIPT:-}" ]]; then
+  tiny=(); [[ "$device" == cpu ]] && tiny=(--tiny --reps 1)
+  "$python" bench/gpu/sdxl.py --device "$device" "${tiny[@]}" --diffusers-script "$(realpath "$DIFFUSERS_SCRIPT")" \
+    --out "$results/gpu_check_diffusers_$device.json"
+  ref=$?
+fi
+echo "bench/gpu/check.sh on $device: determinism.py exit $det, check.py exit $chk, sdxl.py (diffusers script) exit" \
+  "$ref$([[ -z "${DIFFUSERS_SCRIPT:-}" ]] && echo ' (not run: DIFFUSERS_SCRIPT unset)'), $(( $(date +%s) - start ))s"
+[[ $det -eq 0 && $chk -eq 0 && $ref -eq 0 ]]
