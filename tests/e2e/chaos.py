@@ -164,6 +164,7 @@ class KillPlan:
     step: int | None = None  # drawn when the start line tells where the attempt begins
     delay: float = 0.0
     after_commit: bool = False  # wait for a committed checkpoint first (so that a resume follows)
+    share: float = 1.0  # the target is drawn from this first share of the steps left (kills spread out)
 
 
 @dataclass
@@ -370,13 +371,16 @@ def draw_target(rng: random.Random, ref: Reference, total: int, save_steps: int)
         if begin >= total:  # resumed at the last step: only the export is left
             plan.phase = "export"
         grid = [s for s in range(save_steps, total + 1, save_steps) if s > begin]
+        # Drawn from the first share of what is left, so the attempts after this one have work to kill.
+        early = grid[:max(1, round(len(grid) * plan.share))] if grid else grid
         if plan.phase == "step":  # during step s+1, a random fraction of this attempt's pace in
-            plan.step = rng.randint(begin, max(begin, total - 2))  # the last step's kill is often outrun
+            last = max(begin, total - 2)  # the last step's kill is often outrun
+            plan.step = rng.randint(begin, begin + max(0, round((last - begin) * plan.share)))
             plan.delay = rng.uniform(0.0, 0.9) * (watch.pace() or ref.step)
         elif plan.phase == "save":  # the snapshot right after a checkpoint step
-            plan.step, plan.delay = rng.choice(grid), 0.0
+            plan.step, plan.delay = rng.choice(early), 0.0
         elif plan.phase == "upload":  # while that checkpoint is uploading
-            plan.step, plan.delay = rng.choice(grid), rng.uniform(0.0, 0.9) * ref.upload
+            plan.step, plan.delay = rng.choice(early), rng.uniform(0.0, 0.9) * ref.upload
         else:  # export: after the last step's line (at once when resumed at the last step)
             plan.step = total if begin < total else None
             # The export's length varies with load by more than 2x; the early part is always there.
@@ -407,6 +411,7 @@ def chaos_run(config: dict, env: dict[str, str], workdir: Path, s3: S3Config, re
             # An export kill leaves the next attempt only the export to do (seconds): the run would
             # end with kills still planned, so it is kept for a run's last kill.
             plan = plan_kill(rng, ref, allow_export=committed and last_kill, after_commit=last_kill and not committed)
+            plan.share = 1.0 / (kills - tally.kills)
         a = run_attempt(config, env, workdir / f"attempt-{run}", timeout=ref.deadline(1), plan=plan,
                         draw=draw, pace=ref)
         attempts.append(a)
