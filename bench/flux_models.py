@@ -75,8 +75,9 @@ def build_flux(folder: Path, size: str = "small", seed: int = 0, dtype: str = "f
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                                 base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                                 max_image_seq_len=4096)
-    for module in (transformer, vae, text_encoder, text_encoder_2):
-        module.to(getattr(torch, dtype))
+    if dtype != "float32":  # they are built in float32
+        for module in (transformer, vae, text_encoder, text_encoder_2):
+            module.to(getattr(torch, dtype))
     FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                  text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
                  ).save_pretrained(folder, safe_serialization=True)
