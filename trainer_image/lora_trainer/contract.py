@@ -18,6 +18,16 @@ ENV_ATTEMPT = "LORA_ATTEMPT"  # attempt number; fencing compares it with the out
 ENV_RUN_ID = "LORA_RUN_ID"
 ENV_TERMINATION_LOG = "LORA_TERMINATION_LOG"  # default /dev/termination-log
 ENV_CACHE_DIR = "LORA_CACHE_DIR"
+# Several training processes (issue 15). The operator sets these; `lora-train` reads them and, when
+# the world is larger than one process, starts one worker per process through torch.distributed.
+ENV_NPROC_PER_NODE = "LORA_NPROC_PER_NODE"  # processes in this pod (resources.gpus when > 1)
+ENV_NNODES = "LORA_NNODES"  # pods in the group (spec.nodes)
+ENV_NODE_RANK = "LORA_NODE_RANK"  # this pod's index in the group, 0 = leader
+ENV_MASTER_ADDR = "LORA_MASTER_ADDR"  # the leader pod's stable DNS name (rendezvous)
+ENV_MASTER_PORT = "LORA_MASTER_PORT"
+# The preemption rate (per hour) the operator observed for the job, or its pool's configured rate:
+# checkpoint.everySteps auto derives the Young/Daly interval from it.
+ENV_PREEMPTION_RATE = "LORA_PREEMPTION_RATE_PER_HOUR"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 
 # Output layout (same on disk and under an s3:// output URI).
