@@ -25,9 +25,10 @@ import yaml
 
 from lora_operator.settings import priority_from_name
 from lora_operator.spec import GROUP, PLURAL, VERSION
+from tests.e2e.deadlines import FUNC_ONLY, set_deadline, startup_reference
 from tests.support.kube import KubeTarget, eventually
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = FUNC_ONLY
 ROOT = Path(__file__).resolve().parents[2]
 PEERING_CRD = ROOT / "charts" / "lora-operator" / "crds" / "kopfpeerings.kopf.dev.yaml"
 PEERING = "lora-operator"
@@ -57,6 +58,23 @@ def replicas(kube_api: KubeTarget, namespace: str, tmp_path: Path, *extra: str) 
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.fixture(scope="module")
+def startup() -> float:
+    """The time an operator process needs to import its code here, now (tests/e2e/deadlines.py)."""
+    return startup_reference()
+
+
+def register_within(startup: float) -> float:
+    """How long two starting replicas get to show up in the KopfPeering: 30 s on an idle machine,
+    more when a process start-up is slower (two replicas start at once on 2 cores)."""
+    return max(30.0, 15 * startup)
+
+
+@pytest.fixture(autouse=True)
+def deadline(request: pytest.FixtureRequest, startup: float) -> float:
+    return set_deadline(request, 60 + 3 * register_within(startup))
 
 
 @pytest.fixture
@@ -93,12 +111,12 @@ def _both_registered(custom: kubernetes.client.CustomObjectsApi, namespace: str)
 
 def test_hashed_priorities_let_exactly_one_replica_work(kube_api: KubeTarget, kube_namespace: str,
                                                         peering: kubernetes.client.CustomObjectsApi,
-                                                        tmp_path: Path) -> None:
+                                                        tmp_path: Path, startup: float) -> None:
     with replicas(kube_api, kube_namespace, tmp_path):
-        found = eventually(lambda: _both_registered(peering, kube_namespace), 30, 0.2)
+        found = eventually(lambda: _both_registered(peering, kube_namespace), register_within(startup), 0.2)
         assert sorted(p["priority"] for p in found.values()) == sorted(priority_from_name(n) for n in REPLICAS)
         peering.create_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, job("shared"))
-        eventually(lambda: _assert(pods(kube_api, kube_namespace, "shared") == ["shared-a1"]), 30)
+        eventually(lambda: _assert(pods(kube_api, kube_namespace, "shared") == ["shared-a1"]), register_within(startup))
         time.sleep(3)  # several reconcile ticks of whichever replica is active
         assert pods(kube_api, kube_namespace, "shared") == ["shared-a1"]
         status = peering.get_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, "shared")["status"]
@@ -106,9 +124,10 @@ def test_hashed_priorities_let_exactly_one_replica_work(kube_api: KubeTarget, ku
 
 
 def test_equal_priorities_pause_both_replicas(kube_api: KubeTarget, kube_namespace: str,
-                                              peering: kubernetes.client.CustomObjectsApi, tmp_path: Path) -> None:
+                                              peering: kubernetes.client.CustomObjectsApi, tmp_path: Path,
+                                              startup: float) -> None:
     with replicas(kube_api, kube_namespace, tmp_path, "--priority", "7"):
-        found = eventually(lambda: _both_registered(peering, kube_namespace), 30, 0.2)
+        found = eventually(lambda: _both_registered(peering, kube_namespace), register_within(startup), 0.2)
         assert [p["priority"] for p in found.values()] == [7, 7]
         time.sleep(2)  # both have seen each other's heartbeat
         peering.create_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, job("frozen"))

@@ -19,6 +19,11 @@ from lora_trainer import contract
 from lora_trainer.config import parse_config
 from lora_trainer.errors import EXIT_CONFIG, EXIT_DATAERR, EXIT_NOINPUT
 from lora_trainer.train import Trainer, read_losses
+from tests.e2e.deadlines import FUNC_ONLY
+from tests.support.stall import stall_guard
+
+# The module fixture `trained` is bounded by stall_guard; the tests' own bodies keep the default timeout.
+pytestmark = FUNC_ONLY
 
 
 def tiny_config(tiny_sd: Path, tiny_data: Path, out: Path, **extra: object):
@@ -32,8 +37,11 @@ def tiny_config(tiny_sd: Path, tiny_data: Path, out: Path, **extra: object):
 
 @pytest.fixture(scope="module")
 def trained(tiny_sd: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Bounded by its log going silent, not by pytest's fixed timeout (the module is FUNC_ONLY): 60
+    # steps take about a minute on an idle machine and over ten at load 14.
     out = tmp_path_factory.mktemp("train") / "out"
-    Trainer(tiny_config(tiny_sd, tiny_data, out)).run()
+    with stall_guard(out / "logs"):
+        Trainer(tiny_config(tiny_sd, tiny_data, out)).run()
     return out
 
 
