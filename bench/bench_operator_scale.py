@@ -29,12 +29,14 @@ import contextlib
 import datetime
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -90,6 +92,27 @@ def serve(kubeconfig: Path) -> int:
         emu.write_kubeconfig(kubeconfig)
         sys.stdin.read()
     return 0
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    """Until `url` answers 200 (raises if the process exits or `timeout` passes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the operator exited {proc.returncode} before it was ready")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=2) as answer:  # noqa: S310 - our own 127.0.0.1 endpoint
+                if answer.status == 200:
+                    return
+        time.sleep(0.2)
+    raise TimeoutError(f"the operator's liveness endpoint {url} did not answer within {timeout:.0f}s")
 
 
 def wait_for_file(path: Path, timeout: float) -> None:
@@ -222,12 +245,17 @@ def run(target_name: str, args: argparse.Namespace) -> dict[str, Any]:
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.operator_src), env.get("PYTHONPATH")]))
             profile = [] if not args.profile else ["-m", "cProfile", "-o", str(Path(args.profile).resolve())]
             log_path = os.environ.get("BENCH_OPERATOR_LOG", os.devnull)
+            health = f"http://127.0.0.1:{free_port()}/healthz"
             operator = subprocess.Popen(
                 [sys.executable, *profile, "-m", "lora_operator", "run", "--standalone", "--namespace", NAMESPACE,
-                 "--kubeconfig", str(target.kubeconfig), "--liveness", "", "--log-format", "json"],
+                 "--kubeconfig", str(target.kubeconfig), "--liveness", health, "--log-format", "json",
+                 "--metrics-port", "0"],
                 env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"),
             )
-            time.sleep(3)  # the operator starts and lists the (empty) namespace
+            # The burst measures a running operator, not its start-up: Kopf answers its liveness
+            # endpoint once it has started, and the (empty) namespace is listed right after.
+            wait_healthy(health, operator, timeout=300)
+            time.sleep(1)
             watch = PodWatch(core)
             names = [f"job-{i:04d}" for i in range(args.jobs)]
             created: dict[str, float] = {}

@@ -29,7 +29,7 @@ import kopf
 from lora_operator import kube as k
 from lora_operator.classify import JOB_LABEL, is_terminating, parse_time
 from lora_operator.metrics import Metrics
-from lora_operator.outputs import OutputUse, output_use
+from lora_operator.outputs import OutputIndex, OutputUse, output_use
 from lora_operator.progress import ProgressUnavailable, check_endpoint, credentials_from_secret, read_progress
 from lora_operator.reconcile import (
     CreatePod,
@@ -90,9 +90,9 @@ class ObjectCache:
     jobs: dict[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
     pods: dict[tuple[str, str], dict[str, Mapping[str, Any]]] = field(default_factory=dict)
     gone: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
-    # The output each live job uses, kept with the job: a job about to start compares its output with
-    # every other live job's (OutputInUse), and rebuilding them all on each pass was quadratic.
-    outputs: dict[tuple[str, str], OutputUse] = field(default_factory=dict)
+    # The output each live job uses, kept with the job and indexed by folder: a job about to start
+    # needs the live jobs whose outputs overlap its own (OutputInUse), and comparing with all was quadratic.
+    outputs: OutputIndex = field(default_factory=OutputIndex)
 
     def put_job(self, job: Mapping[str, Any]) -> bool:
         """Keep the job unless an older version; whether it is news (a version not cached yet)."""
@@ -101,10 +101,7 @@ class ObjectCache:
         old = self.jobs.get(key)
         if old is None or not _older(_rv(job), _rv(old)):
             self.jobs[key] = job
-            if (use := output_use(job)) is None:
-                self.outputs.pop(key, None)
-            else:
-                self.outputs[key] = use
+            self.outputs.put(key, output_use(job))
             return old is None or _rv(job) != _rv(old)
         return False
 
@@ -112,7 +109,7 @@ class ObjectCache:
         # Its pods stay until their own DELETED events: a job re-applied under the same name must
         # see the old run's pods (still stopping) on its first, cached, pass.
         self.jobs.pop((namespace, name), None)
-        self.outputs.pop((namespace, name), None)
+        self.outputs.put((namespace, name), None)
         if not self.pods.get((namespace, name)):
             self.pods.pop((namespace, name), None)
             self.gone.pop((namespace, name), None)
@@ -257,15 +254,16 @@ async def _observe(memo: Memo, job: Mapping[str, Any], pods: list[Mapping[str, A
         except (SpecError, ProgressUnavailable) as exc:
             problem = str(exc)
     return Observed(job=job, pods=pods, now=now, progress=progress, latest=latest, nodes_ready=nodes,
-                    output_users=_output_users(memo, status)), problem
+                    output_users=_output_users(memo, job, status)), problem
 
 
-def _output_users(memo: Memo, status: Mapping[str, Any]) -> list[OutputUse]:
-    """The live jobs' outputs (from the cache), when this pass may start an attempt: OutputInUse."""
+def _output_users(memo: Memo, job: Mapping[str, Any], status: Mapping[str, Any]) -> list[OutputUse]:
+    """The live jobs whose outputs overlap this job's (from the cache), when this pass may start an
+    attempt: OutputInUse."""
     idle = not status.get("attempt") or (status.get("lastAttempt") or {}).get("attempt") == status.get("attempt")
-    if status.get("phase") in TERMINAL_PHASES or not idle:
+    if status.get("phase") in TERMINAL_PHASES or not idle or (me := output_use(job)) is None:
         return []
-    return list(memo.cache.outputs.values())
+    return memo.cache.outputs.near(me)
 
 
 class StatusRefused(k.KubeError):

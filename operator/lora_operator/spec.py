@@ -485,7 +485,7 @@ def _check_training_options(spec: JobSpec) -> None:
 
 
 @lru_cache(maxsize=8192)  # the OutputInUse check compares every new job's output with every live job's
-def _uri_parts(uri: str) -> tuple[str, tuple[str, ...]]:
+def uri_parts(uri: str) -> tuple[str, tuple[str, ...]]:
     """(scheme://host, path segments) with empty, `.` and `..` segments resolved."""
     scheme, sep, rest = uri.partition("://")
     host, _, path = rest.partition("/") if sep else ("", "", uri)
@@ -501,7 +501,7 @@ def _uri_parts(uri: str) -> tuple[str, tuple[str, ...]]:
 
 def overlap(a: str, b: str) -> str | None:
     """How the folders `a` and `b` overlap ("equals", "is inside", "contains"), None if apart."""
-    (root_a, pa), (root_b, pb) = _uri_parts(a), _uri_parts(b)
+    (root_a, pa), (root_b, pb) = uri_parts(a), uri_parts(b)
     if root_a != root_b:
         return None
     if pa == pb:

@@ -6,17 +6,22 @@ Behaviours tested:
   unstarted one, then the older one, then namespace/name; finished or deleting jobs hold nothing;
 - reconcile: a new job whose output a live job holds gets no pod, phase Pending, Stalled with
   reason OutputInUse naming the holder and the field, one Warning event; once the holder is gone
-  it starts attempt 1; the holder itself is not held back by the newcomer.
+  it starts attempt 1; the holder itself is not held back by the newcomer;
+- OutputIndex (the operator's cache of live outputs) finds exactly the outputs a comparison with
+  every live job finds, for folders at every depth, across stores and buckets, after updates and
+  removals.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
 
-from lora_operator.outputs import OutputUse, output_holder, output_use
+from lora_operator.outputs import OutputIndex, OutputUse, output_holder, output_use
 from lora_operator.reconcile import CreatePod, Observed, reconcile
+from lora_operator.spec import overlap
 from lora_operator.status import get_condition
 from tests.unit.builders import NOW, SETTINGS, make_job, ts
 
@@ -91,3 +96,23 @@ def test_second_live_job_is_refused_until_the_first_is_gone() -> None:
                               output_users=[output_use(second)]), SETTINGS)
     assert [a.pod["metadata"]["name"] for a in free.actions if isinstance(a, CreatePod)] == ["second-a1"]
     assert get_condition(free.status["conditions"], "Stalled")["status"] == "False"
+
+
+def test_output_index_finds_what_comparing_with_every_job_finds() -> None:
+    rng = random.Random(5)
+    folders = ["", "a", "a/b", "a/b/c", "a/bc", "b", "b/a", "a/./b/../b"]
+    stores, buckets = ["http://minio:9000", ""], ["loras", "other"]
+    index, live = OutputIndex(), {}
+    for step in range(400):
+        key = ("ml", f"job{rng.randrange(40)}")
+        if rng.random() < 0.2:
+            index.put(key, None)
+            live.pop(key, None)
+        else:
+            u = use(key[1], f"s3://{rng.choice(buckets)}/{rng.choice(folders)}", rng.choice(stores))
+            index.put(key, u)
+            live[key] = u
+        me = use("me", f"s3://{rng.choice(buckets)}/{rng.choice(folders)}", rng.choice(stores))
+        expected = {o for o in live.values() if o.store == me.store and overlap(me.uri, o.uri) is not None}
+        assert set(index.near(me)) == expected, (step, me)
+    assert len(index) == len(live) and set(index.values()) == set(live.values())
