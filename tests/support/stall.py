@@ -8,8 +8,8 @@ work may take as long as it keeps writing, and a log silent for `seconds` interr
 
 from __future__ import annotations
 
-import _thread
 import contextlib
+import ctypes
 import threading
 import time
 from collections.abc import Iterator
@@ -32,10 +32,21 @@ def _mark(path: Path) -> tuple[int, float] | None:
     return sum(m[0] for m in marks), max(m[1] for m in marks)
 
 
+class Stalled(AssertionError):
+    """The guarded work's log was silent too long."""
+
+
+def _raise_in(thread_id: int) -> None:
+    # An exception set on the thread itself, not SIGINT (interrupt_main): tests of the trainer's
+    # signal handling leave SIGINT handlers that would swallow it.
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(Stalled))
+
+
 @contextlib.contextmanager
 def stall_guard(log: Path, seconds: float = STALL_SECONDS, poll: float = 1.0) -> Iterator[None]:
     """Fail the block if `log` (a file, or a folder of logs) has not changed for `seconds`."""
-    done = threading.Event()
+    done, lock = threading.Event(), threading.Lock()
+    caller = threading.get_ident()
 
     def watch() -> None:
         last, since = _mark(log), time.monotonic()
@@ -44,17 +55,18 @@ def stall_guard(log: Path, seconds: float = STALL_SECONDS, poll: float = 1.0) ->
             if now != last:
                 last, since = now, time.monotonic()
             elif time.monotonic() - since > seconds:
-                _thread.interrupt_main()
+                with lock:  # never after the block has ended
+                    if not done.is_set():
+                        _raise_in(caller)
                 return
 
     thread = threading.Thread(target=watch, name="stall-guard", daemon=True)
     thread.start()
     try:
         yield
-    except KeyboardInterrupt as exc:
-        if done.is_set():
-            raise
-        raise AssertionError(f"{log} was silent for {seconds:.0f}s: the run hangs") from exc
+    except Stalled as exc:
+        raise Stalled(f"{log} was silent for {seconds:.0f}s: the run hangs") from exc
     finally:
-        done.set()
+        with lock:
+            done.set()
         thread.join()

@@ -15,7 +15,7 @@ def test_silent_log_fails(tmp_path: Path) -> None:
     log.write_text("a")
     with pytest.raises(AssertionError, match="silent"):
         with stall_guard(log, seconds=0.5, poll=0.05):
-            for _ in range(100):  # interrupt_main is seen between bytecodes, not inside one sleep
+            for _ in range(100):  # the exception lands between bytecodes, not inside one sleep
                 time.sleep(0.05)
 
 
