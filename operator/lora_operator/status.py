@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -325,7 +326,12 @@ def normalise_path(path: str) -> str:
 
 def clean_uri(uri: Any, limit: int = MAX_URI) -> str:
     """A URI as status shows it: `s3://b/a/./x//y/../z` → `s3://b/a/x/z`, at most `limit` bytes."""
-    text = re.sub(r"\s", " ", _CONTROL.sub(" ", "" if uri is None else str(uri))).strip()
+    return _clean_uri("" if uri is None else str(uri), limit)
+
+
+@lru_cache(maxsize=4096)  # every status write cleans the job's same few URIs again
+def _clean_uri(uri: str, limit: int) -> str:
+    text = re.sub(r"\s", " ", _CONTROL.sub(" ", uri)).strip()
     match = _URI.match(text)
     if match:
         scheme, host, path = match.groups()
