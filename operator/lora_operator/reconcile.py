@@ -298,7 +298,7 @@ class _Run:
         attempt, pod = self.s["attempt"], self.pod(self.s["attempt"])
         current = Placement.from_status(self.s.get("placement"))
         pool = pool_of(pod) if pod else current.pool
-        seconds = run_seconds(pod, self.now, parse_time) * spec.resources.gpus
+        seconds = cost.run_seconds(pod, self.now, parse_time) * spec.resources.gpus
         self.s["usage"] = cost.usage(cost.settle(self.s.get("usage"), attempt, pool, seconds), None, 0.0)
         new = current
         if outcome.result is Result.PREEMPTED and not spec.suspend:
@@ -316,7 +316,7 @@ class _Run:
         self.s.setdefault("placement", Placement().to_status())
         settled = (self.s.get("usage") or {}).get("settled") or cost.settle(None, 0, SPOT, 0.0)
         pod = None if self.classified() else self.pod(self.s["attempt"])
-        live = run_seconds(pod, self.now, parse_time) * spec.resources.gpus
+        live = cost.run_seconds(pod, self.now, parse_time) * spec.resources.gpus
         self.s["usage"] = used = cost.usage(settled, pool_of(pod) if pod else None, live)
         priced = cost.estimate(used["spotGpuSeconds"], used["onDemandGpuSeconds"], self.settings.spot_gpu_hour_price,
                                self.settings.on_demand_gpu_hour_price, self.settings.currency)
