@@ -60,7 +60,7 @@ def table_row(client: kubernetes.client.ApiClient, ns: str, name: str) -> dict[s
     return dict(zip([c["name"] for c in table["columnDefinitions"]], table["rows"][0]["cells"], strict=True))
 
 
-def test_keeps_losing_spot_then_finishes_on_demand(kube_api: KubeTarget, cluster: Cluster) -> None:
+def test_keeps_losing_spot_then_finishes_on_demand(kube_api: KubeTarget, cluster: Cluster) -> None:  # noqa: F811 (the imported fixture)
     c = cluster
     with operator(kube_api, c.ns, **PRICES):
         c.create_job("flaky", job_spec(resources=SPOT, spot={"fallback": FALLBACK}))
@@ -94,7 +94,7 @@ def test_keeps_losing_spot_then_finishes_on_demand(kube_api: KubeTarget, cluster
         assert (row["Cost"], row["Saved"]) == (2.1667, 1.3333)
 
 
-def test_unschedulable_spot_pod_falls_back_without_counting(kube_api: KubeTarget, cluster: Cluster) -> None:
+def test_unschedulable_spot_pod_falls_back_without_counting(kube_api: KubeTarget, cluster: Cluster) -> None:  # noqa: F811 (the imported fixture)
     c = cluster
     with operator(kube_api, c.ns, pending_deadline=600.0):
         c.create_job("dry", job_spec(resources=SPOT, spot={"fallback": {**FALLBACK, "unschedulableSeconds": 1}}))
