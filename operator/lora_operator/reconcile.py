@@ -10,11 +10,10 @@ name is deterministic (409 = done) and a pod one attempt ahead of the status is 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from lora_operator import cost
 from lora_operator import status as st
 from lora_operator.classify import (
     Outcome,
@@ -35,17 +34,9 @@ from lora_operator.classify import (
 )
 from lora_operator.endpoints import ENDPOINT_NOT_ALLOWED
 from lora_operator.outputs import OUTPUT_IN_USE, OutputUse, in_use_message, output_holder, output_use
-from lora_operator.placement import (
-    ON_DEMAND,
-    SPOT,
-    Placement,
-    after_on_demand,
-    after_preemption,
-    pool_of,
-    unschedulable_fallback,
-)
 from lora_operator.pods import build_pod, check_job_name, pod_name
-from lora_operator.queueing import admission, deadline_start, is_queued, queued_message
+from lora_operator.queueing import deadline_start
+from lora_operator.scheduling import SchedulingSteps
 from lora_operator.settings import Settings, endpoint_refusal
 from lora_operator.spec import JobSpec, SpecError, parse_spec, to_train_config
 from lora_operator.ttl import TTL_EXPIRED, ttl_decision
@@ -123,7 +114,7 @@ class Decision:
         self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
 
-class _Run:
+class _Run(SchedulingSteps):
     """One reconcile's working state; methods are the checklist's steps."""
 
     def __init__(self, obs: Observed, settings: Settings) -> None:
@@ -264,65 +255,6 @@ class _Run:
             self.d.requeue(max(1.0, self.settings.pending_deadline - age))
         return None
 
-    def queued(self, pod: Mapping[str, Any], spec: JobSpec) -> bool:
-        """A pod held by a scheduling gate (Kueue) is Pending/Queued, never Stalled; record its admission."""
-        held = is_queued(pod)
-        record = admission(self.s.get("admission"), self.s["attempt"], held, st.rfc3339(self.now))
-        if record is None:
-            self.s.pop("admission", None)
-        else:
-            self.s["admission"] = record
-        if held:
-            self.set_phase("Pending", Reason.QUEUED, queued_message(pod, spec.queue_name))
-            self.d.requeue(self.settings.progress_interval)
-        return held
-
-    def rescheduled(self, pod: Mapping[str, Any], spec: JobSpec) -> bool:
-        """A spot pod unschedulable past spec.spot.fallback.unschedulableSeconds is replaced on on-demand."""
-        current = Placement.from_status(self.s.get("placement"))
-        new = unschedulable_fallback(spec.spot.fallback, replace(current, pool=pool_of(pod)), pod, self.now, parse_time)
-        if new is None:
-            if spec.spot.fallback and spec.spot.fallback.unschedulable_seconds and phase(pod) == "Pending":
-                self.d.requeue(min(self.settings.progress_interval, spec.spot.fallback.unschedulable_seconds))
-            return False
-        self.delete(pod, 0, new.reason)
-        self.s["placement"] = new.to_status()
-        self.spend(Outcome(Result.RESCHEDULED, new.reason, new.message), spec)
-        return True
-
-    def account(self, outcome: Outcome, spec: JobSpec) -> None:
-        """spec.spot.fallback: settle the ended attempt's GPU-seconds and choose the next attempt's pool."""
-        fb = spec.spot.fallback
-        if fb is None:
-            return
-        attempt, pod = self.s["attempt"], self.pod(self.s["attempt"])
-        current = Placement.from_status(self.s.get("placement"))
-        pool = pool_of(pod) if pod else current.pool
-        seconds = cost.run_seconds(pod, self.now, parse_time) * spec.resources.gpus
-        self.s["usage"] = cost.usage(cost.settle(self.s.get("usage"), attempt, pool, seconds), None, 0.0)
-        new = current
-        if outcome.result is Result.PREEMPTED and not spec.suspend:
-            new = after_preemption(fb, replace(current, pool=pool), self.now, st.rfc3339(self.now), parse_time)
-        elif outcome.result is Result.FAILED and pool == ON_DEMAND:
-            new = after_on_demand(fb, current)
-        if new.pool != current.pool:
-            self.event("Normal", new.reason, new.message)
-        self.s["placement"] = new.to_status()
-
-    def report_usage(self, spec: JobSpec) -> None:
-        """status.usage with the running attempt, and status.cost at the configured prices."""
-        if spec.spot.fallback is None:
-            return
-        self.s.setdefault("placement", Placement().to_status())
-        settled = (self.s.get("usage") or {}).get("settled") or cost.settle(None, 0, SPOT, 0.0)
-        pod = None if self.classified() else self.pod(self.s["attempt"])
-        live = cost.run_seconds(pod, self.now, parse_time) * spec.resources.gpus
-        self.s["usage"] = used = cost.usage(settled, pool_of(pod) if pod else None, live)
-        priced = cost.estimate(used["spotGpuSeconds"], used["onDemandGpuSeconds"], self.settings.spot_gpu_hour_price,
-                               self.settings.on_demand_gpu_hour_price, self.settings.currency)
-        if priced is not None:
-            self.s["cost"] = priced
-
     def spend(self, outcome: Outcome, spec: JobSpec) -> None:
         """Record how the attempt ended and charge the budget its result belongs to."""
         attempt = self.s["attempt"]
@@ -421,8 +353,7 @@ class _Run:
             return
         if self.s.get("phase") == "Suspended":
             self.event("Normal", Reason.RESUMED, "spec.suspend is false: starting the next attempt")
-        pool = Placement.from_status(self.s.get("placement")).pool if spec.spot.fallback else SPOT
-        self.d.actions.append(CreatePod(build_pod(self.obs.job, attempt, self.settings, spec, pool)))
+        self.d.actions.append(CreatePod(build_pod(self.obs.job, attempt, self.settings, spec, self.next_pool(spec))))
         self.s.update(attempt=attempt, podName=pod_name(self.name, attempt))
         self.s.pop("nextAttemptTime", None)
         self.s.setdefault("startTime", st.rfc3339(self.now))
