@@ -16,6 +16,8 @@ from typing import Any
 
 from lora_operator.placement import ON_DEMAND, SPOT
 
+LIVE_STEP_SECONDS = 60.0
+
 
 def run_seconds(pod: Mapping[str, Any] | None, now: datetime, parse: Any) -> float:
     """Seconds the pod's trainer ran: started → finished (→ now while running); 0 if it never started."""
@@ -46,7 +48,10 @@ def settle(usage: Mapping[str, Any] | None, attempt: int, pool: str, gpu_seconds
 
 
 def usage(settled: Mapping[str, Any], running_pool: str | None, running_gpu_seconds: float) -> dict[str, Any]:
-    """status.usage: settled attempts plus the running one (in `running_pool`, None if none runs)."""
+    """status.usage: settled attempts plus the running one (in `running_pool`, None if none runs),
+    whose share moves in steps of LIVE_STEP_SECONDS so a running job's status changes once a minute
+    at most for it (a status write per job per pass would load the API server at scale)."""
+    running_gpu_seconds = running_gpu_seconds // LIVE_STEP_SECONDS * LIVE_STEP_SECONDS
     spot = float(settled.get("spotGpuSeconds") or 0.0) + (running_gpu_seconds if running_pool == SPOT else 0.0)
     demand = float(settled.get("onDemandGpuSeconds") or 0.0) + (running_gpu_seconds if running_pool == ON_DEMAND else 0.0)
     return {"spotGpuSeconds": round(spot, 1), "onDemandGpuSeconds": round(demand, 1), "settled": dict(settled)}

@@ -4,7 +4,7 @@ Behaviours tested:
 - an attempt's run time is its trainer's startedAt → finishedAt (→ now while running); a pod
   that never started, or no pod, is 0;
 - settling adds a finished attempt to its pool once; settling it again changes nothing;
-- the totals add the running attempt to its pool;
+- the totals add the running attempt to its pool, in whole minutes (a status write a minute at most);
 - the cost at per-GPU-hour prices, all-on-demand and the saving; no prices, no cost;
 - reconcile settles a finished attempt's GPU-seconds × GPUs into the pool it ran in and shows the cost.
 """
@@ -46,10 +46,15 @@ def test_settle_once_per_attempt() -> None:
     assert cost.settle({"settled": s2}, 2, ON_DEMAND, 300.0) == s2  # a repeated pass
 
 
-@pytest.mark.parametrize(("pool", "spot", "demand"), [(SPOT, 150.0, 300.0), (ON_DEMAND, 100.0, 350.0), (None, 100.0, 300.0)])
-def test_usage_adds_the_running_attempt(pool: str | None, spot: float, demand: float) -> None:
+@pytest.mark.parametrize(("pool", "running", "spot", "demand"), [
+    (SPOT, 150.0, 220.0, 300.0),  # the running share moves in whole minutes
+    (ON_DEMAND, 150.0, 100.0, 420.0),
+    (ON_DEMAND, 59.0, 100.0, 300.0),
+    (None, 150.0, 100.0, 300.0),
+])
+def test_usage_adds_the_running_attempt(pool: str | None, running: float, spot: float, demand: float) -> None:
     settled = {"attempt": 2, "spotGpuSeconds": 100.0, "onDemandGpuSeconds": 300.0}
-    used = cost.usage(settled, pool, 50.0)
+    used = cost.usage(settled, pool, running)
     assert (used["spotGpuSeconds"], used["onDemandGpuSeconds"]) == (spot, demand)
 
 
