@@ -57,6 +57,13 @@ def is_queued(pod: Mapping[str, Any]) -> bool:
                for c in status.get("conditions") or [])
 
 
+def jobset_queued(jobset: Mapping[str, Any]) -> bool:
+    """Whether Kueue holds a JobSet: queue-labelled and suspended (Kueue's webhook suspends it at
+    creation and resumes it on admission), so it has no pods yet and is Queued, not vanished."""
+    labels = (jobset.get("metadata") or {}).get("labels") or {}
+    return bool(labels.get(QUEUE_LABEL)) and bool((jobset.get("spec") or {}).get("suspend"))
+
+
 def queued_message(pod: Mapping[str, Any], queue_name: str) -> str:
     """Why the pod waits, in words: Kueue's queue, or the gates that hold it."""
     gates = scheduling_gates(pod) or [GATED]

@@ -2,7 +2,7 @@
 
 Behaviours tested:
 - spec.queueName puts kueue.x-k8s.io/queue-name on the pod (none when empty); a JobSet carries the
-  label and its pods do not; a queue name that is no label value is refused naming the field;
+  label and its pods do not, and a labelled suspended JobSet is queued; a queue name that is no label value is refused naming the field;
 - a Pending pod held by a scheduling gate (Kueue's or any other, or PodScheduled SchedulingGated)
   is queued; a running, finished or deleting pod is not; stuck() never calls a queued pod stuck;
 - reconcile: a gated pod makes the job Pending/Queued (not Stalled) long past the pending
@@ -26,6 +26,7 @@ from lora_operator.queueing import (
     deadline_start,
     is_queued,
     jobset_labels,
+    jobset_queued,
     pod_labels,
 )
 from lora_operator.reconcile import Observed, reconcile
@@ -48,6 +49,10 @@ def test_queue_labels_on_pod_and_jobset() -> None:
     assert jobset_labels("gpu-queue") == {QUEUE_LABEL: "gpu-queue"}
     assert pod_labels("gpu-queue", in_jobset=True) == {}
     assert pod_labels("") == {}
+    held = {"metadata": {"labels": jobset_labels("gpu-queue")}, "spec": {"suspend": True}}
+    assert jobset_queued(held)
+    assert not jobset_queued({**held, "spec": {"suspend": False}})  # admitted
+    assert not jobset_queued({"metadata": {}, "spec": {"suspend": True}})  # suspended by someone, not Kueue
 
 
 def test_queue_name_must_be_a_label_value() -> None:
