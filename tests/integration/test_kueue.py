@@ -44,7 +44,7 @@ pytestmark = pytest.mark.timeout(120)
 KUEUE_CRDS_ENV = "LORA_TEST_KUEUE_CRDS"
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "kueue"
 KUEUE = ("kueue.x-k8s.io", "v1beta2")
-PENDING_DEADLINE = 3.0
+PENDING_DEADLINE = 2.0
 
 
 def kueue_crds() -> list[dict[str, Any]]:
