@@ -248,7 +248,7 @@ class _Run(SchedulingSteps):
         if found and found.fatal:
             self.delete(pod, 0, found.reason)
             self.set_phase("Failed", found.reason, found.message)
-        elif found:
+        elif found and not self.will_reschedule(pod, spec, found.reason):
             self.stalled = (found.reason, found.message)
         else:
             age = (self.now - (since or self.now)).total_seconds()

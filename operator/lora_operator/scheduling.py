@@ -74,6 +74,12 @@ class SchedulingSteps:
         self.spend(Outcome(Result.RESCHEDULED, new.reason, new.message), spec)
         return True
 
+    def will_reschedule(self, pod: Mapping[str, Any], spec: JobSpec, reason: str) -> bool:
+        """An unschedulable spot pod that the fallback will replace needs no human: not Stalled."""
+        fb = spec.spot.fallback
+        return (reason == Reason.UNSCHEDULABLE and fb is not None and fb.unschedulable_seconds is not None
+                and pool_of(pod) == SPOT)
+
     def account(self, outcome: Outcome, spec: JobSpec) -> None:
         """spec.spot.fallback: settle the ended attempt's GPU-seconds and choose the next attempt's pool."""
         fb = spec.spot.fallback

@@ -11,7 +11,8 @@ Behaviours tested:
   and the pool label;
 - reconcile: the K-th preemption moves the placement to OnDemand and the next pod is built
   there; an unschedulable spot pod past T is deleted and replaced on on-demand without counting
-  a preemption or a failure (lastAttempt Rescheduled, reason SpotUnschedulable).
+  a preemption or a failure (lastAttempt Rescheduled, reason SpotUnschedulable); before T (even
+  past the pending deadline) it is not Stalled, since the operator will act.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from lora_operator.placement import (
 from lora_operator.pods import build_pod
 from lora_operator.reconcile import CreatePod, DeletePod, Observed, reconcile
 from lora_operator.spec import FallbackSpec
+from lora_operator.status import get_condition
 from tests.unit.builders import NOW, SETTINGS, make_job, make_pod, ts
 
 FALLBACK: dict[str, Any] = {
@@ -137,3 +139,18 @@ def test_reconcile_replaces_unschedulable_spot_pod_without_counting() -> None:
     pod2 = next(a.pod for a in d.actions if isinstance(a, CreatePod))
     assert pod2["spec"]["nodeSelector"] == {"pool": "on-demand"}
     assert (d.status["preemptions"], d.status["failures"]) == (0, 0)
+
+
+def test_unschedulable_spot_pod_is_not_stalled_while_the_fallback_waits() -> None:
+    blocks = {"resources": SPOT_RESOURCES, "spot": {"fallback": {**FALLBACK, "unschedulableSeconds": 3600}}}
+    job = make_job(status={"phase": "Pending", "attempt": 1, "preemptions": 0, "failures": 0}, **blocks)
+    pod = make_pod(phase="Pending", unschedulable=True, created_ago=2 * SETTINGS.pending_deadline)
+    pod["metadata"]["labels"][POOL_LABEL] = "spot"
+    pod["status"]["conditions"][0]["lastTransitionTime"] = ts(2 * SETTINGS.pending_deadline)
+    d = reconcile(Observed(job=job, pods=[pod], now=NOW), SETTINGS)
+    assert get_condition(d.status["conditions"], "Stalled")["status"] == "False"
+    assert not [a for a in d.actions if isinstance(a, DeletePod)]
+    # Without the unschedulable trigger the same pod is Stalled after the pending deadline.
+    plain = make_job(status=job["status"], resources=SPOT_RESOURCES, spot={"fallback": FALLBACK | {"unschedulableSeconds": None}})
+    d = reconcile(Observed(job=plain, pods=[pod], now=NOW), SETTINGS)
+    assert get_condition(d.status["conditions"], "Stalled")["reason"] == "Unschedulable"
