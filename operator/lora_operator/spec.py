@@ -350,8 +350,8 @@ class FallbackSpec(_Spec):
         description="Taints the on-demand attempt tolerates; replaces spec.resources.tolerations on it.",
     )
     after_preemptions: int | None = Field(
-        3, ge=1, le=100, description="Fall back after this many spot preemptions within windowSeconds; unset: never "
-        "for preemptions.",
+        3, ge=1, le=100, description="Fall back after this many spot preemptions within windowSeconds (default 3); "
+        "null turns this trigger off.",
     )
     window_seconds: int = Field(
         3600, ge=1, le=30 * 86_400, description="The window in which afterPreemptions spot preemptions trigger the fallback.",
