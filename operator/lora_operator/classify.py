@@ -15,6 +15,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from lora_operator.queueing import is_queued
 from lora_operator.status import clean_reason
 from lora_trainer.errors import EXIT_NOPERM, EXIT_OK, EXIT_OOM, EXIT_PREEMPTED
 
@@ -78,6 +79,7 @@ class Reason:
     # The API server refused the job's status (422): a short one was written instead.
     STATUS_REJECTED = "StatusRejected"
     STATUS_ACCEPTED = "StatusAccepted"
+    QUEUED = "Queued"  # held by a scheduling gate (Kueue's admission): Pending, never Stalled
 
 
 # Reasons and messages of the permanent exit codes that have one of their own (others: ExitCode<n>).
@@ -106,6 +108,7 @@ class Result(StrEnum):
     PREEMPTED = "Preempted"  # next attempt, no failure counted
     FAILED = "Failed"  # retried with backoff against backoffLimit
     PERMANENT = "Permanent"  # a user error; retrying cannot help
+    RESCHEDULED = "Rescheduled"  # moved to another pool before it ran (placement): no budget spent
 
 
 @dataclass(frozen=True)
@@ -296,15 +299,16 @@ _WAITING_FATAL = {Reason.INVALID_IMAGE, Reason.IMAGE_NEVER_PULL}
 _WAITING_STUCK = {Reason.ERR_IMAGE_PULL, Reason.IMAGE_PULL, Reason.CONFIG_ERROR, Reason.CREATE_ERROR}
 
 
-def stuck(pod: Mapping[str, Any], now: datetime, deadline: float) -> Stuck | None:
-    """Why a not-yet-running pod is stuck; None if it is fine or not past `deadline` seconds yet."""
-    if phase(pod) != "Pending" or is_terminating(pod):
-        return None
+def stuck(pod: Mapping[str, Any], now: datetime, deadline: float, since: datetime | None = None) -> Stuck | None:
+    """Why a not-yet-running pod is stuck; None if it is fine or not past `deadline` seconds yet
+    (counted from `since`, its admission by a queue, else from its creation)."""
+    if phase(pod) != "Pending" or is_terminating(pod) or is_queued(pod):
+        return None  # a queued pod waits for its admission, not for a fix
     waiting = (_trainer_status(pod).get("state") or {}).get("waiting") or {}
     wreason = waiting.get("reason", "")
     if wreason in _WAITING_FATAL:
         return Stuck(wreason, _shorten(waiting.get("message") or f"image cannot be pulled ({wreason}); fix spec.image"), True)
-    created = parse_time((pod.get("metadata") or {}).get("creationTimestamp"))
+    created = since or parse_time((pod.get("metadata") or {}).get("creationTimestamp"))
     if created is not None and (now - created).total_seconds() < deadline:
         return None
     if wreason in _WAITING_STUCK:

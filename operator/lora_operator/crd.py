@@ -152,6 +152,19 @@ def build_crd() -> dict[str, Any]:
         {"name": "Checkpoint", "type": "integer", "jsonPath": ".status.latestCheckpoint.step",
          "description": "Step of the newest committed checkpoint."},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        # `kubectl get ltj -o wide` (priority 1): where it runs and what spot saved (spec.spot.fallback).
+        {"name": "Queue", "type": "string", "jsonPath": ".spec.queueName", "priority": 1,
+         "description": "Kueue LocalQueue."},
+        {"name": "Pool", "type": "string", "jsonPath": ".status.placement.pool", "priority": 1,
+         "description": "Spot or OnDemand: the pool of the current attempt."},
+        {"name": "Spot-GPU-s", "type": "number", "jsonPath": ".status.usage.spotGpuSeconds", "priority": 1,
+         "description": "GPU-seconds on spot."},
+        {"name": "OnDemand-GPU-s", "type": "number", "jsonPath": ".status.usage.onDemandGpuSeconds", "priority": 1,
+         "description": "GPU-seconds on on-demand."},
+        {"name": "Cost", "type": "number", "jsonPath": ".status.cost.total", "priority": 1,
+         "description": "Estimated cost at the operator's prices."},
+        {"name": "Saved", "type": "number", "jsonPath": ".status.cost.saved", "priority": 1,
+         "description": "What spot saved against all on-demand."},
     ]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

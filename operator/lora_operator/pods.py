@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from lora_operator.classify import ATTEMPT_LABEL, JOB_LABEL, TRAINER_CONTAINER
+from lora_operator.placement import POOL_LABEL, POOL_LABEL_VALUES, SPOT, node_placement
+from lora_operator.queueing import pod_labels
 from lora_operator.settings import Settings
 from lora_operator.spec import (
     API_VERSION,
@@ -119,9 +121,9 @@ def _resources(spec: JobSpec) -> dict[str, Any]:
     return out
 
 
-def _tolerations(spec: JobSpec) -> list[dict[str, Any]]:
+def _tolerations(tolerations: list[Any]) -> list[dict[str, Any]]:
     out = []
-    for t in spec.resources.tolerations:
+    for t in tolerations:
         item: dict[str, Any] = {"operator": t.operator}
         if t.key:
             item["key"] = t.key
@@ -135,8 +137,9 @@ def _tolerations(spec: JobSpec) -> list[dict[str, Any]]:
     return out
 
 
-def build_pod(job: Mapping[str, Any], attempt: int, settings: Settings, spec: JobSpec | None = None) -> dict[str, Any]:
-    """The Pod manifest of `attempt` of `job` (raises SpecError if the spec cannot run)."""
+def build_pod(job: Mapping[str, Any], attempt: int, settings: Settings, spec: JobSpec | None = None,
+              pool: str = SPOT) -> dict[str, Any]:
+    """The Pod manifest of `attempt` of `job` in `pool` (raises SpecError if the spec cannot run)."""
     spec = spec or parse_spec(job.get("spec") or {})
     meta = job["metadata"]
     name = meta["name"]
@@ -184,10 +187,12 @@ def build_pod(job: Mapping[str, Any], attempt: int, settings: Settings, spec: Jo
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
         ],
     }
-    if res.node_selector:
-        pod_spec["nodeSelector"] = dict(res.node_selector)
-    if res.tolerations:
-        pod_spec["tolerations"] = _tolerations(spec)
+    fallback = spec.spot.fallback
+    node_selector, tolerations = node_placement(res, fallback, pool)
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if tolerations:
+        pod_spec["tolerations"] = _tolerations(tolerations)
     if res.priority_class_name:
         pod_spec["priorityClassName"] = res.priority_class_name
     if spec.service_account_name:
@@ -197,6 +202,8 @@ def build_pod(job: Mapping[str, Any], attempt: int, settings: Settings, spec: Jo
         ATTEMPT_LABEL: str(attempt),
         "app.kubernetes.io/name": "lora-trainer",
         "app.kubernetes.io/managed-by": "lora-operator",
+        **pod_labels(spec.queue_name),
+        **({POOL_LABEL: POOL_LABEL_VALUES[pool]} if fallback is not None else {}),
     }
     check_pod_identity(pod_name(name, attempt), labels)
     return {

@@ -35,6 +35,8 @@ from lora_operator.classify import (
 from lora_operator.endpoints import ENDPOINT_NOT_ALLOWED
 from lora_operator.outputs import OUTPUT_IN_USE, OutputUse, in_use_message, output_holder, output_use
 from lora_operator.pods import build_pod, check_job_name, pod_name
+from lora_operator.queueing import deadline_start
+from lora_operator.scheduling import SchedulingSteps
 from lora_operator.settings import Settings, endpoint_refusal
 from lora_operator.spec import JobSpec, SpecError, parse_spec, to_train_config
 from lora_operator.ttl import TTL_EXPIRED, ttl_decision
@@ -112,7 +114,7 @@ class Decision:
         self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
 
-class _Run:
+class _Run(SchedulingSteps):
     """One reconcile's working state; methods are the checklist's steps."""
 
     def __init__(self, obs: Observed, settings: Settings) -> None:
@@ -197,6 +199,7 @@ class _Run:
             else:
                 self.start_next(spec)
         self.mirror_progress(spec)
+        self.report_usage(spec)
         self.clean_up()
         return self.finish()
 
@@ -231,27 +234,31 @@ class _Run:
                 return self.spend(force_deleted(pod, node), spec)
             self.d.requeue(self.settings.progress_interval)
             return None
+        if self.queued(pod, spec) or self.rescheduled(pod, spec):
+            return None
         if phase(pod) == "Running":
             self.s["podName"] = pod["metadata"]["name"]
             self.set_phase("Running", Reason.RUNNING, f"attempt {attempt} is training on node {node or '?'}")
             if (st.get_condition(self.s.get("conditions") or [], st.PREEMPTED) or {}).get("status") == "True":
                 self.condition(st.PREEMPTED, False, Reason.RESUMED, f"attempt {attempt} resumed training")
             return None
-        found = stuck(pod, self.now, self.settings.pending_deadline)
+        since = deadline_start(self.s.get("admission"), attempt, parse_time(pod["metadata"].get("creationTimestamp")),
+                               parse_time)
+        found = stuck(pod, self.now, self.settings.pending_deadline, since)
         if found and found.fatal:
             self.delete(pod, 0, found.reason)
             self.set_phase("Failed", found.reason, found.message)
-        elif found:
+        elif found and not self.will_reschedule(pod, spec, found.reason):
             self.stalled = (found.reason, found.message)
         else:
-            created = parse_time(pod["metadata"].get("creationTimestamp")) or self.now
-            age = (self.now - created).total_seconds()
+            age = (self.now - (since or self.now)).total_seconds()
             self.d.requeue(max(1.0, self.settings.pending_deadline - age))
         return None
 
     def spend(self, outcome: Outcome, spec: JobSpec) -> None:
         """Record how the attempt ended and charge the budget its result belongs to."""
         attempt = self.s["attempt"]
+        self.account(outcome, spec)
         self.s["lastAttempt"] = {
             "attempt": attempt, "result": outcome.result.value, "reason": outcome.reason,
             "message": outcome.message, "finishedAt": st.rfc3339(self.now),
@@ -262,6 +269,9 @@ class _Run:
             self.set_phase("Succeeded", Reason.COMPLETED, f"the LoRA is at {self.s['outputs']['weights']}")
         elif outcome.result is Result.PERMANENT:
             self.fail(outcome.reason, words)
+        elif outcome.result is Result.RESCHEDULED:
+            self.event("Normal", outcome.reason, words)
+            self.set_phase("Recovering", outcome.reason, words, announce=False)
         elif outcome.result is Result.PREEMPTED and spec.suspend:
             self.event("Normal", Reason.SUSPENDED, f"attempt {attempt} stopped for suspension")
         elif outcome.result is Result.PREEMPTED:
@@ -343,7 +353,7 @@ class _Run:
             return
         if self.s.get("phase") == "Suspended":
             self.event("Normal", Reason.RESUMED, "spec.suspend is false: starting the next attempt")
-        self.d.actions.append(CreatePod(build_pod(self.obs.job, attempt, self.settings, spec)))
+        self.d.actions.append(CreatePod(build_pod(self.obs.job, attempt, self.settings, spec, self.next_pool(spec))))
         self.s.update(attempt=attempt, podName=pod_name(self.name, attempt))
         self.s.pop("nextAttemptTime", None)
         self.s.setdefault("startTime", st.rfc3339(self.now))

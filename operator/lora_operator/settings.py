@@ -88,6 +88,11 @@ class Settings(BaseSettings):
         default_factory=lambda: list(DEFAULT_ALLOWED),
         description="S3 endpoints jobs may name (host patterns, optional :port); empty means the default, *.",
     )
+    spot_gpu_hour_price: float = Field(0.0, ge=0, description="Price of one spot GPU-hour, for status.cost; 0: unknown.")
+    on_demand_gpu_hour_price: float = Field(
+        0.0, ge=0, description="Price of one on-demand GPU-hour, for status.cost; 0: unknown. With both 0, no cost is shown."
+    )
+    currency: str = Field("USD", min_length=1, max_length=8, description="Currency of the prices, shown in status.cost.")
     api_servers: Annotated[list[str], NoDecode] = Field(
         default_factory=in_cluster_api_servers,
         description="The API server's own URLs, refused as S3 endpoints; default from KUBERNETES_SERVICE_HOST.",
@@ -159,6 +164,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--standalone", action="store_true", default=None, help="run without peering")
     parser.add_argument("--priority", type=int,
                         help="Kopf peering priority (LORA_OPERATOR_PRIORITY); default: a hash of $POD_NAME")
+    parser.add_argument("--spot-gpu-hour-price", type=float,
+                        help="price of a spot GPU-hour for status.cost (LORA_OPERATOR_SPOT_GPU_HOUR_PRICE)")
+    parser.add_argument("--on-demand-gpu-hour-price", type=float,
+                        help="price of an on-demand GPU-hour for status.cost (LORA_OPERATOR_ON_DEMAND_GPU_HOUR_PRICE)")
+    parser.add_argument("--currency", help="currency of the prices (LORA_OPERATOR_CURRENCY, default USD)")
     parser.add_argument("--allowed-endpoints", action="append", metavar="PATTERNS",
                         help="S3 endpoints jobs may name, comma-separated host patterns with optional ports, "
                              "e.g. 'minio.minio.svc:9000,*.amazonaws.com' (repeatable; "

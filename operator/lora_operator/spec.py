@@ -338,12 +338,44 @@ class ResourcesSpec(_Spec):
     priority_class_name: str = Field("", max_length=253, description="PriorityClass of the pod; empty for the default.")
 
 
+class FallbackSpec(_Spec):
+    """An on-demand pool to fall back to when spot keeps failing (lora_operator.placement)."""
+
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, max_length=64,
+        description="Node labels of the on-demand pool; replaces spec.resources.nodeSelector on an on-demand attempt.",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=64,
+        description="Taints the on-demand attempt tolerates; replaces spec.resources.tolerations on it.",
+    )
+    after_preemptions: int | None = Field(
+        3, ge=1, le=100, description="Fall back after this many spot preemptions within windowSeconds (default 3); "
+        "null turns this trigger off.",
+    )
+    window_seconds: int = Field(
+        3600, ge=1, le=30 * 86_400, description="The window in which afterPreemptions spot preemptions trigger the fallback.",
+    )
+    unschedulable_seconds: int | None = Field(
+        None, ge=1, le=30 * 86_400, description="Fall back when a spot pod has been unschedulable (PodScheduled False, "
+        "Unschedulable) this long; it is replaced without counting a preemption or a failure. Unset: never.",
+    )
+    return_to_spot: Literal["AfterAttempt", "Never"] = Field(
+        "Never", description="AfterAttempt: when an on-demand attempt ends without finishing, the next one goes back "
+        "to spot; Never: the job stays on on-demand.",
+    )
+
+
 class SpotSpec(_Spec):
     """Preemption budget: preemptions resume from the latest checkpoint and cost no failure."""
 
     max_preemptions: int = Field(50, ge=0, le=100_000, description="Preemptions tolerated before the job fails.")
     termination_grace_period_seconds: int = Field(
         30, ge=6, le=3600, description="Pod grace period; the trainer commits a checkpoint within it on SIGTERM."
+    )
+    fallback: FallbackSpec | None = Field(
+        None, description="On-demand fallback: spec.resources.nodeSelector/tolerations name the spot pool, this block "
+        "the on-demand one; status.placement, status.usage and status.cost report where the job ran and what it cost.",
     )
 
 
@@ -379,6 +411,11 @@ class JobSpec(_Spec):
         "", description="Image pull policy; empty uses the Kubernetes default."
     )
     service_account_name: str = Field("", max_length=253, description="Service account of the trainer pod; empty for default.")
+    queue_name: str = Field(
+        "", max_length=63, pattern=r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
+        description="Kueue LocalQueue in the job's namespace: pods are labelled kueue.x-k8s.io/queue-name and wait "
+        "(phase Pending, reason Queued) until Kueue admits them. Empty: no queue.",
+    )
     suspend: bool = Field(False, description="true stops the running pod (it checkpoints first); false resumes.")
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, le=2**31 - 1,

@@ -154,8 +154,10 @@ def render_markdown() -> str:
         "",
     ]
     lines += [f"- {_cell(rule['message'])}." for rule in root.get("x-kubernetes-validations") or []]
+    columns = version["additionalPrinterColumns"]
     lines += ["", "`kubectl get ltj` columns: " + ", ".join(
-        f"{c['name']} (`{c['jsonPath']}`)" for c in version["additionalPrinterColumns"]) + ".", ""]
+        f"{c['name']} (`{c['jsonPath']}`)" for c in columns if not c.get("priority")) + "; `-o wide` adds " + ", ".join(
+        f"{c['name']} (`{c['jsonPath']}`)" for c in columns if c.get("priority")) + ".", ""]
     for part, intro in (("spec", "What to train and where; examples/ has complete jobs."),
                         ("status", "Written by the operator only (the `/status` subresource).")):
         lines += [f"## {part}", "", intro, ""]

@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -135,11 +135,60 @@ class AttemptStatus(_Status):
     """How the last finished attempt ended."""
 
     attempt: int = Field(ge=0, description="Attempt number.")
-    result: Literal["Succeeded", "Preempted", "Failed", "Permanent"] = Field(description="Which budget it spent.")
+    result: Literal["Succeeded", "Preempted", "Failed", "Permanent", "Rescheduled"] = Field(
+        description="Which budget it spent (Rescheduled: none, the pod was moved to another pool).")
     reason: str = Field(max_length=MAX_REASON, description="Why it ended, e.g. PreemptionByScheduler, OOMKilled.")
     message: str = Field("", max_length=MAX_MESSAGE, description="The trainer's or the cluster's words.")
     exit_code: int | None = Field(None, description="The trainer's exit code, when it exited.")
     finished_at: str = Field(max_length=MAX_TIME, description="When the operator saw it end (RFC 3339).")
+
+
+class AdmissionStatus(_Status):
+    """When the current attempt's pod was queued and admitted (scheduling gates; lora_operator.queueing)."""
+
+    attempt: int = Field(ge=0, description="Attempt whose pod this is about.")
+    queued_at: str = Field(max_length=MAX_TIME, description="When the operator first saw the pod held by a scheduling gate.")
+    admitted_at: str | None = Field(
+        None, max_length=MAX_TIME, description="When it first saw the gates gone; the pending deadline starts here."
+    )
+
+
+class PlacementStatus(_Status):
+    """Which pool the current or next attempt runs in (spec.spot.fallback; lora_operator.placement)."""
+
+    pool: Literal["Spot", "OnDemand"] = Field(description="Spot (spec.resources) or OnDemand (spec.spot.fallback).")
+    reason: str = Field(max_length=MAX_REASON, description="Why, e.g. SpotPreemptions, SpotUnschedulable, ReturnedToSpot.")
+    message: str = Field("", max_length=MAX_MESSAGE, description="Why, in words.")
+    recent_preemptions: list[Annotated[str, Field(max_length=MAX_TIME)]] = Field(
+        default_factory=list, max_length=100, description="Times of the spot preemptions since the last switch to spot.",
+    )
+
+
+class SettledUsage(_Status):
+    """GPU-seconds of finished attempts, settled once each."""
+
+    attempt: int = Field(0, ge=0, description="The last attempt settled.")
+    spot_gpu_seconds: float = Field(0, ge=0, description="GPU-seconds of finished attempts on spot.")
+    on_demand_gpu_seconds: float = Field(0, ge=0, description="GPU-seconds of finished attempts on on-demand.")
+
+
+class UsageStatus(_Status):
+    """GPU time by pool: trainer run time (start to finish) times GPUs, the running attempt included."""
+
+    spot_gpu_seconds: float = Field(0, ge=0, description="GPU-seconds on the spot pool.")
+    on_demand_gpu_seconds: float = Field(0, ge=0, description="GPU-seconds on the on-demand pool.")
+    settled: SettledUsage | None = Field(None, description="Finished attempts only (bookkeeping).")
+
+
+class CostStatus(_Status):
+    """Estimated cost from the operator's per-GPU-hour prices (chart values `prices`)."""
+
+    currency: str = Field(max_length=8, description="Currency of the prices.")
+    spot: float = Field(description="Cost of the spot GPU-seconds.")
+    on_demand: float = Field(description="Cost of the on-demand GPU-seconds.")
+    total: float = Field(description="spot + onDemand.")
+    all_on_demand: float = Field(description="What all the GPU-seconds would have cost on on-demand.")
+    saved: float = Field(description="allOnDemand - total: what running on spot saved.")
 
 
 class JobStatus(_Status):
@@ -162,6 +211,10 @@ class JobStatus(_Status):
         None, description="The run's determinism: exact (bitwise resume) or fast (exact only up to kernel "
         "nondeterminism on GPUs).",
     )
+    admission: AdmissionStatus | None = Field(None, description="Kueue (or any scheduling gate) admission of the current pod.")
+    placement: PlacementStatus | None = Field(None, description="Spot or on-demand (with spec.spot.fallback).")
+    usage: UsageStatus | None = Field(None, description="GPU-seconds on spot and on-demand (with spec.spot.fallback).")
+    cost: CostStatus | None = Field(None, description="Estimated cost and what spot saved (with prices configured).")
     start_time: str | None = Field(None, max_length=MAX_TIME, description="When the first attempt was started (RFC 3339).")
     completion_time: str | None = Field(None, max_length=MAX_TIME, description="When the job succeeded or failed (RFC 3339).")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Reconciling, Stalled and domain conditions.")
@@ -412,7 +465,7 @@ def bound_status(status: Mapping[str, Any]) -> dict[str, Any]:
 # The bookkeeping that keeps a job's state machine moving (see reconcile): what a refused status
 # write still records, so the decision (and its events) is not repeated on every pass.
 _KEPT_WHEN_REJECTED = ("phase", "observedGeneration", "attempt", "podName", "preemptions", "failures",
-                       "nextAttemptTime", "startTime", "completionTime", "progress")
+                       "nextAttemptTime", "startTime", "completionTime", "progress", "admission", "placement", "usage")
 
 
 def rejected_status(

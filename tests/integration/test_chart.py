@@ -60,6 +60,7 @@ CUSTOM: dict[str, Any] = {
         "backoffMax": 120,
         "logFormat": "text",
         "allowedEndpoints": ["minio.minio.svc:9000", "*.amazonaws.com"],
+        "prices": {"spotGpuHour": 1.1, "onDemandGpuHour": 3.67, "currency": "EUR"},
     },
     "peering": {"name": "lora-prod"},
     "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/lora"}},
@@ -283,6 +284,9 @@ def test_deployment_defaults() -> None:
         "LORA_OPERATOR_BACKOFF_MAX": "600",
         "LORA_OPERATOR_LOG_FORMAT": "json",
         "LORA_OPERATOR_ALLOWED_ENDPOINTS": "*",
+        "LORA_OPERATOR_SPOT_GPU_HOUR_PRICE": "0",  # no prices: GPU-seconds in status, no cost
+        "LORA_OPERATOR_ON_DEMAND_GPU_HOUR_PRICE": "0",
+        "LORA_OPERATOR_CURRENCY": "USD",
         "LORA_OPERATOR_LIVENESS": "http://0.0.0.0:8080/healthz",
         "LORA_OPERATOR_METRICS_PORT": "8000",
         "LORA_OPERATOR_PEERING": "lora-operator",
@@ -314,6 +318,8 @@ def test_deployment_with_custom_values() -> None:
     assert env["LORA_OPERATOR_ALLOWED_ENDPOINTS"] == "minio.minio.svc:9000,*.amazonaws.com"
     assert env["LORA_OPERATOR_PROGRESS_INTERVAL"] == "30"
     assert env["LORA_OPERATOR_BACKOFF_MAX"] == "120"
+    assert (env["LORA_OPERATOR_SPOT_GPU_HOUR_PRICE"], env["LORA_OPERATOR_ON_DEMAND_GPU_HOUR_PRICE"],
+            env["LORA_OPERATOR_CURRENCY"]) == ("1.1", "3.67", "EUR")
     assert env["LORA_OPERATOR_LIVENESS"] == "http://0.0.0.0:9090/healthz"
     assert env["LORA_OPERATOR_PEERING"] == "lora-prod"
     assert env["LORA_OPERATOR_STANDALONE"] == "false"
@@ -366,6 +372,8 @@ TYPOS = [
     {"config": {"allowedEndpoints": "minio:9000,s3:9000"}},
     {"replicaCount": 0},
     {"metrics": {"serviceMonitor": {"enable": True}}},
+    {"config": {"prices": {"spotGPUHour": 1.0}}},
+    {"config": {"prices": {"onDemandGpuHour": -1}}},
 ]
 
 

@@ -104,8 +104,12 @@ def test_names_columns_and_subresources() -> None:
     assert crd["spec"]["names"]["shortNames"] == ["ltj", "lorajob"]
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+    columns = version["additionalPrinterColumns"]
+    assert [c["name"] for c in columns if not c.get("priority")] == [
         "Phase", "Step", "Progress", "Preemptions", "Failures", "Checkpoint", "Age"]
+    # `kubectl get ltj -o wide` adds the queue, the pool, the GPU-seconds split and the cost.
+    assert [c["name"] for c in columns if c.get("priority") == 1] == [
+        "Queue", "Pool", "Spot-GPU-s", "OnDemand-GPU-s", "Cost", "Saved"]
 
 
 def test_defaults_enums_bounds() -> None:
