@@ -60,6 +60,8 @@ CUSTOM: dict[str, Any] = {
         "backoffMax": 120,
         "logFormat": "text",
         "allowedEndpoints": ["minio.minio.svc:9000", "*.amazonaws.com"],
+        "preemptionRatePerHour": 2.5,
+        "preemptionRatePriorHours": 0,
     },
     "peering": {"name": "lora-prod"},
     "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/lora"}},
@@ -283,6 +285,8 @@ def test_deployment_defaults() -> None:
         "LORA_OPERATOR_BACKOFF_MAX": "600",
         "LORA_OPERATOR_LOG_FORMAT": "json",
         "LORA_OPERATOR_ALLOWED_ENDPOINTS": "*",
+        "LORA_OPERATOR_PREEMPTION_RATE_PER_HOUR": "0.25",
+        "LORA_OPERATOR_PREEMPTION_RATE_PRIOR_HOURS": "1",
         "LORA_OPERATOR_LIVENESS": "http://0.0.0.0:8080/healthz",
         "LORA_OPERATOR_METRICS_PORT": "8000",
         "LORA_OPERATOR_PEERING": "lora-operator",
@@ -314,6 +318,8 @@ def test_deployment_with_custom_values() -> None:
     assert env["LORA_OPERATOR_ALLOWED_ENDPOINTS"] == "minio.minio.svc:9000,*.amazonaws.com"
     assert env["LORA_OPERATOR_PROGRESS_INTERVAL"] == "30"
     assert env["LORA_OPERATOR_BACKOFF_MAX"] == "120"
+    assert env["LORA_OPERATOR_PREEMPTION_RATE_PER_HOUR"] == "2.5"
+    assert env["LORA_OPERATOR_PREEMPTION_RATE_PRIOR_HOURS"] == "0"
     assert env["LORA_OPERATOR_LIVENESS"] == "http://0.0.0.0:9090/healthz"
     assert env["LORA_OPERATOR_PEERING"] == "lora-prod"
     assert env["LORA_OPERATOR_STANDALONE"] == "false"
