@@ -21,7 +21,14 @@ import pytest
 
 from lora_trainer.config import S3Config
 from lora_trainer.contract import ENV_PREEMPTION_RATE
-from tests.e2e.chaos import Reference, base_env, digests, kill_after_first_commit_and_resume, manifests, reference_run
+from tests.e2e.chaos import (
+    Reference,
+    base_env,
+    digests,
+    kill_after_first_commit_and_resume,
+    manifests,
+    reference_run,
+)
 from tests.e2e.deadlines import FUNC_ONLY, set_deadline
 
 pytestmark = FUNC_ONLY
