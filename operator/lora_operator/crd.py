@@ -44,6 +44,9 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
 def _structural(node: dict[str, Any]) -> dict[str, Any]:
     """One pydantic JSON-schema node as a structural OpenAPI v3 node."""
     node = {k: v for k, v in node.items() if k not in _DROP}
+    if node.get("x-kubernetes-int-or-string"):
+        # Already structural (int-or-string: its anyOf is the one the API server allows there).
+        return {k: v for k, v in node.items() if not (k == "default" and v is None)}
     for key in ("anyOf", "oneOf"):
         if key in node:
             given = node.pop(key)

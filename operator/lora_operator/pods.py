@@ -15,6 +15,7 @@ from typing import Any
 
 from lora_operator.classify import ATTEMPT_LABEL, JOB_LABEL, TRAINER_CONTAINER
 from lora_operator.placement import POOL_LABEL, POOL_LABEL_VALUES, SPOT, node_placement
+from lora_operator.preemption import rate_env
 from lora_operator.queueing import pod_labels
 from lora_operator.settings import Settings
 from lora_operator.spec import (
@@ -30,6 +31,7 @@ from lora_operator.spec import (
 )
 from lora_trainer.contract import ENV_ATTEMPT, ENV_CACHE_DIR, ENV_CONFIG, ENV_RUN_ID
 from lora_trainer.determinism import CUBLAS_ENV, settings_for
+from lora_trainer.interval import AUTO
 
 TRAINER_UID = 1000
 COMMAND = ["lora-train"]
@@ -168,6 +170,9 @@ def build_pod(job: Mapping[str, Any], attempt: int, settings: Settings, spec: Jo
     }
     if spec.image_pull_policy:
         container["imagePullPolicy"] = spec.image_pull_policy
+    if spec.checkpoint.every_steps == AUTO:  # the trainer's checkpoint interval follows the preemption rate
+        container["env"].append(rate_env(job.get("status") or {}, settings.preemption_rate_per_hour,
+                                         settings.preemption_rate_prior_hours))
     scratch: dict[str, Any] = {"sizeLimit": res.scratch_size} if res.scratch_size else {}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # the operator decides about retries, not the kubelet

@@ -353,7 +353,9 @@ class _Run(SchedulingSteps):
             return
         if self.s.get("phase") == "Suspended":
             self.event("Normal", Reason.RESUMED, "spec.suspend is false: starting the next attempt")
-        self.d.actions.append(CreatePod(build_pod(self.obs.job, attempt, self.settings, spec, self.next_pool(spec))))
+        # With this pass's status: a preemption counted just now belongs in the rate the pod is told.
+        self.d.actions.append(CreatePod(build_pod({**self.obs.job, "status": self.s}, attempt, self.settings, spec,
+                                                  self.next_pool(spec))))
         self.s.update(attempt=attempt, podName=pod_name(self.name, attempt))
         self.s.pop("nextAttemptTime", None)
         self.s.setdefault("startTime", st.rfc3339(self.now))

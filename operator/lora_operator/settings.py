@@ -15,6 +15,11 @@ default `*` admits any host except loopback, link-local/metadata addresses and t
 A dev cluster whose S3 listens on 127.0.0.1 must allow it explicitly: `--allowed-endpoints 127.0.0.1`.
 The API server's own address comes from KUBERNETES_SERVICE_HOST/PORT in a pod, and `lora-operator
 run` adds the host of the kubeconfig it uses (LORA_OPERATOR_API_SERVERS adds more).
+
+Preemption rate: `--preemption-rate-per-hour` / LORA_OPERATOR_PREEMPTION_RATE_PER_HOUR (default
+0.25, about six a day) is the spot pool's rate, which pods of `checkpoint.everySteps: auto` jobs are
+told until the job has history of its own; `--preemption-rate-prior-hours` (default 1) is how many
+hours of history it counts as (lora_operator.preemption).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lora_operator import endpoints
 from lora_operator.endpoints import DEFAULT_ALLOWED, RuleError, parse_rule
+from lora_trainer.interval import DEFAULT_RATE_PER_HOUR, MAX_RATE_PER_HOUR
 
 if TYPE_CHECKING:
     from lora_operator.spec import StorageSpec
@@ -93,6 +99,14 @@ class Settings(BaseSettings):
         0.0, ge=0, description="Price of one on-demand GPU-hour, for status.cost; 0: unknown. With both 0, no cost is shown."
     )
     currency: str = Field("USD", min_length=1, max_length=8, description="Currency of the prices, shown in status.cost.")
+    preemption_rate_per_hour: float = Field(
+        DEFAULT_RATE_PER_HOUR, ge=0, le=MAX_RATE_PER_HOUR,
+        description="The spot pool's preemptions per hour, for checkpoint.everySteps auto until a job has its own history.",
+    )
+    preemption_rate_prior_hours: float = Field(
+        1.0, ge=0, le=10_000,
+        description="Hours of history the pool's rate counts as beside a job's own (0: the job's own as soon as it has any).",
+    )
     api_servers: Annotated[list[str], NoDecode] = Field(
         default_factory=in_cluster_api_servers,
         description="The API server's own URLs, refused as S3 endpoints; default from KUBERNETES_SERVICE_HOST.",
@@ -169,6 +183,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-demand-gpu-hour-price", type=float,
                         help="price of an on-demand GPU-hour for status.cost (LORA_OPERATOR_ON_DEMAND_GPU_HOUR_PRICE)")
     parser.add_argument("--currency", help="currency of the prices (LORA_OPERATOR_CURRENCY, default USD)")
+    parser.add_argument("--preemption-rate-per-hour", type=float,
+                        help="the spot pool's preemptions per hour for checkpoint.everySteps auto "
+                             f"(LORA_OPERATOR_PREEMPTION_RATE_PER_HOUR, default {DEFAULT_RATE_PER_HOUR})")
+    parser.add_argument("--preemption-rate-prior-hours", type=float,
+                        help="hours of history the pool's rate counts as beside a job's own "
+                             "(LORA_OPERATOR_PREEMPTION_RATE_PRIOR_HOURS, default 1)")
     parser.add_argument("--allowed-endpoints", action="append", metavar="PATTERNS",
                         help="S3 endpoints jobs may name, comma-separated host patterns with optional ports, "
                              "e.g. 'minio.minio.svc:9000,*.amazonaws.com' (repeatable; "

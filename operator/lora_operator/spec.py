@@ -40,12 +40,15 @@ from lora_trainer.config import (
     Rank,
     Resolution,
     S3Config,
+    SaveSteps,
     Seed,
     Task,
     TrainConfig,
     WeightingScheme,
     format_validation_error,
+    save_steps_problem,
 )
+from lora_trainer.interval import AUTO, DEFAULT_MAX_STEPS, DEFAULT_MIN_STEPS
 from lora_trainer.quantize import QuantizeBase
 
 GROUP = "lora-operator.dev"
@@ -283,7 +286,14 @@ class TrainingSpec(_Spec):
 class CheckpointSpec(_Spec):
     """How often resumable checkpoints are committed (a SIGTERM always commits one)."""
 
-    every_steps: TrainSteps | None = Field(None, description="Commit a resumable checkpoint every N steps.")
+    every_steps: SaveSteps = Field(
+        None, description="Commit a resumable checkpoint every N steps, or auto: the Young/Daly interval "
+        "sqrt(2 x commit cost x mean time between preemptions), from the commit cost the trainer measures and the "
+        "job's observed preemption rate (the pool's configured rate until it has history), in steps, between "
+        "minSteps and maxSteps. Unset: only a SIGTERM commits one.",
+    )
+    min_steps: TrainSteps = Field(DEFAULT_MIN_STEPS, description="everySteps auto: the fewest steps between checkpoints.")
+    max_steps: TrainSteps = Field(DEFAULT_MAX_STEPS, description="everySteps auto: the most steps between checkpoints.")
     keep_last: int = Field(3, ge=0, le=10_000, description="Committed checkpoints to keep; 0 keeps all.")
 
 
@@ -492,7 +502,10 @@ def _parse_spec(data: Any) -> JobSpec:
     if problem := task_field_problem(spec):
         raise problem
     ce = spec.checkpoint.every_steps
-    if ce is not None and t.max_train_steps is not None and ce > t.max_train_steps:
+    names = ("spec.checkpoint.everySteps", "spec.checkpoint.minSteps", "spec.checkpoint.maxSteps")
+    if problem := save_steps_problem(ce, spec.checkpoint.min_steps, spec.checkpoint.max_steps, names):
+        raise SpecError(*problem)
+    if isinstance(ce, int) and t.max_train_steps is not None and ce > t.max_train_steps:
         raise SpecError(
             "spec.checkpoint.everySteps",
             f"{ce} exceeds maxTrainSteps ({t.max_train_steps}); no intermediate checkpoint would ever be committed",
@@ -671,6 +684,8 @@ CONFIG_PATHS: dict[str, str] = {
     "seed": "spec.training.seed",
     "save_steps": "spec.checkpoint.everySteps",
     "keep_last": "spec.checkpoint.keepLast",
+    "min_save_steps": "spec.checkpoint.minSteps",
+    "max_save_steps": "spec.checkpoint.maxSteps",
     "train_file": "spec.dataset.uri",
     "eval_file": "spec.dataset.evalUri",
     "eval_fraction": "spec.dataset.evalFraction",
@@ -751,6 +766,9 @@ def train_config_data(spec: JobSpec) -> dict[str, Any]:
         "seed": t.seed,
         "save_steps": spec.checkpoint.every_steps,
         "keep_last": spec.checkpoint.keep_last,
+        # The bounds only with auto: the trainer refuses a changed bound beside a fixed interval.
+        **({"min_save_steps": spec.checkpoint.min_steps, "max_save_steps": spec.checkpoint.max_steps}
+           if spec.checkpoint.every_steps == AUTO else {}),
         "device": "cuda" if spec.resources.gpus > 0 else "cpu",
         "s3": S3Config(endpoint_url=spec.storage.endpoint, region=spec.storage.region, path_style=spec.storage.path_style),
         "cache_dir": CACHE_DIR,

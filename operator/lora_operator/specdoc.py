@@ -49,7 +49,7 @@ def _is_object(node: Mapping[str, Any]) -> bool:
 
 def type_name(node: Mapping[str, Any]) -> str:
     """The field's type in words: `integer`, `[]string`, `map[string]string`, `object`."""
-    kind = node.get("type", "any")
+    kind = node.get("type", "integer-or-string" if node.get("x-kubernetes-int-or-string") else "any")
     if kind == "array":
         items = node.get("items") or {}
         return "[]" + ("object" if _is_object(items) else type_name(items))

@@ -142,14 +142,14 @@ class LogWatch:
         gaps = [b[1] - a[1] for a, b in zip(times, times[1:], strict=False) if b[0] == a[0] + 1]
         return statistics.median(gaps) if gaps else None
 
-    def phase(self, total: int, save_steps: int) -> str:
+    def phase(self, total: int, save_steps: int | str) -> str:
         """What the attempt is doing now, as far as its log tells."""
         if self.start_step is None:
             return "start-up"
         if self.step >= total:
             return "export"
-        in_flight = [s for s in range(save_steps, self.step + 1, save_steps)
-                     if s > self.start_step and s not in self.commits]
+        grid = range(save_steps, self.step + 1, save_steps) if isinstance(save_steps, int) else ()  # auto: no grid
+        in_flight = [s for s in grid if s > self.start_step and s not in self.commits]
         if in_flight:
             return "save" if in_flight[-1] == self.step else "upload"
         return "step"

@@ -61,6 +61,8 @@ CUSTOM: dict[str, Any] = {
         "logFormat": "text",
         "allowedEndpoints": ["minio.minio.svc:9000", "*.amazonaws.com"],
         "prices": {"spotGpuHour": 1.1, "onDemandGpuHour": 3.67, "currency": "EUR"},
+        "preemptionRatePerHour": 2.5,
+        "preemptionRatePriorHours": 0,
     },
     "peering": {"name": "lora-prod"},
     "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/lora"}},
@@ -287,6 +289,8 @@ def test_deployment_defaults() -> None:
         "LORA_OPERATOR_SPOT_GPU_HOUR_PRICE": "0",  # no prices: GPU-seconds in status, no cost
         "LORA_OPERATOR_ON_DEMAND_GPU_HOUR_PRICE": "0",
         "LORA_OPERATOR_CURRENCY": "USD",
+        "LORA_OPERATOR_PREEMPTION_RATE_PER_HOUR": "0.25",
+        "LORA_OPERATOR_PREEMPTION_RATE_PRIOR_HOURS": "1",
         "LORA_OPERATOR_LIVENESS": "http://0.0.0.0:8080/healthz",
         "LORA_OPERATOR_METRICS_PORT": "8000",
         "LORA_OPERATOR_PEERING": "lora-operator",
@@ -320,6 +324,8 @@ def test_deployment_with_custom_values() -> None:
     assert env["LORA_OPERATOR_BACKOFF_MAX"] == "120"
     assert (env["LORA_OPERATOR_SPOT_GPU_HOUR_PRICE"], env["LORA_OPERATOR_ON_DEMAND_GPU_HOUR_PRICE"],
             env["LORA_OPERATOR_CURRENCY"]) == ("1.1", "3.67", "EUR")
+    assert env["LORA_OPERATOR_PREEMPTION_RATE_PER_HOUR"] == "2.5"
+    assert env["LORA_OPERATOR_PREEMPTION_RATE_PRIOR_HOURS"] == "0"
     assert env["LORA_OPERATOR_LIVENESS"] == "http://0.0.0.0:9090/healthz"
     assert env["LORA_OPERATOR_PEERING"] == "lora-prod"
     assert env["LORA_OPERATOR_STANDALONE"] == "false"

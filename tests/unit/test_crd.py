@@ -3,7 +3,9 @@
 Behaviours tested:
 - crds/ holds exactly what `lora-operator crd` prints (regenerate with `lora-operator crd > ...`);
 - the CRD validates against the upstream apiextensions schema and is structural: no $ref,
-  anyOf, title or const anywhere, a type and a description on every field;
+  anyOf, title or const anywhere, a type and a description on every field, except an int-or-string
+  field (checkpoint.everySteps), which has exactly the `anyOf: [integer, string]` the API server allows;
+- everySteps takes an integer >= 1 or "auto" and nothing else (the schema, as jsonschema reads it);
 - printer columns, short names, the status subresource and the immutability rules are there;
 - every LoRATrainingJob under examples/ validates against the CRD's openAPIV3Schema (its metadata
   against the upstream ObjectMeta schema that kubernetes-validate ships), every other manifest
@@ -87,8 +89,15 @@ def _walk(node: dict[str, Any], path: str):
         yield from _walk(node["additionalProperties"], f"{path}{{}}")
 
 
+INT_OR_STRING = [{"type": "integer"}, {"type": "string"}]
+
+
 def test_schema_is_structural_and_described() -> None:
     for path, node in _walk(schema(), ""):
+        if node.get("x-kubernetes-int-or-string"):
+            assert node["anyOf"] == INT_OR_STRING and "type" not in node, f"{path} is not the int-or-string form"
+            node = {k: v for k, v in node.items() if k not in ("anyOf", "x-kubernetes-int-or-string")}
+            node["type"] = "integer-or-string"
         for bad in ("$ref", "anyOf", "oneOf", "allOf", "title", "const", "$defs"):
             assert bad not in node, f"{path} has {bad}"
         assert "type" in node, f"{path} has no type"
@@ -97,6 +106,18 @@ def test_schema_is_structural_and_described() -> None:
             assert node == {"type": "object"}, f"{path} says more than its type: {node}"
         elif not path.endswith(("[]", "{}")):
             assert node.get("description"), f"{path} has no description"
+
+
+@pytest.mark.parametrize(("value", "ok"), [(1, True), (500, True), ("auto", True), (0, False), ("Auto", False),
+                                           ("500", False), (2.5, False), (True, False), (None, False)])
+def test_every_steps_is_an_integer_or_auto(value: Any, ok: bool) -> None:
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-job.yaml").read_text())
+    doc["spec"]["checkpoint"]["everySteps"] = value
+    if ok:
+        validate_job(doc)
+    else:
+        with pytest.raises(jsonschema.ValidationError):
+            validate_job(doc)
 
 
 def test_names_columns_and_subresources() -> None:

@@ -5,7 +5,9 @@ This module imports no torch: the operator uses it to validate job specs and to 
 Choices where lora-scripts and the issue are silent:
 - `epochs` or `max_train_steps` must be set; when both are, `max_train_steps` wins.
 - `lora_alpha` defaults to `lora_rank` (scale 1.0), as the diffusers training scripts do.
-- `save_steps` unset means no intermediate checkpoints (a SIGTERM still commits one).
+- `save_steps` unset means no intermediate checkpoints (a SIGTERM still commits one); `auto` takes
+  the Young/Daly interval from the measured commit cost and the preemption rate the operator puts
+  in LORA_PREEMPTION_RATE_PER_HOUR, held to `min_save_steps`..`max_save_steps` (lora_trainer.interval).
 - `keep_last: 0` keeps every checkpoint.
 - `caption_extension: txt` (no dot, as the CRD allows) means `.txt`; anything but a dot and
   1-32 letters, digits, `_`, `-` or inner dots is refused.
@@ -38,10 +40,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from lora_trainer.errors import ConfigError, DatasetError
+from lora_trainer.interval import AUTO, DEFAULT_MAX_STEPS, DEFAULT_MIN_STEPS
 from lora_trainer.paths import (
     SHOWN_CHARS,
     choose_local,
@@ -80,6 +92,32 @@ AccumSteps = Annotated[int, Field(ge=1, le=1024, description="Micro-batches per 
 LearningRate = Annotated[float, Field(gt=0, le=1, description="Peak learning rate for AdamW.")]
 Steps = Annotated[int, Field(ge=1, le=10_000_000)]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="Seed for every random choice in training.")]
+MAX_STEPS = 10_000_000
+
+
+def _save_steps(value: Any) -> Any:
+    """A whole number of steps from 1 to MAX_STEPS (digits in a string too), or "auto"."""
+    if value is None or value == AUTO:
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_STEPS:
+        return value
+    raise ValueError(f"must be a whole number of steps from 1 to {MAX_STEPS}, or {AUTO!r} for the interval "
+                     "from the preemption rate; e.g. 500 or auto")
+
+
+# A fixed interval or "auto". In the CRD: int-or-string, an integer >= 1 or the string "auto"
+# (minimum/maximum apply to integers only, the pattern to strings only).
+SaveSteps = Annotated[
+    int | Literal["auto"] | None,
+    BeforeValidator(_save_steps),
+    WithJsonSchema({
+        "x-kubernetes-int-or-string": True,
+        "anyOf": [{"type": "integer"}, {"type": "string"}],
+        "minimum": 1, "maximum": MAX_STEPS, "pattern": f"^{AUTO}$",
+    }),
+]
 
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -278,7 +316,12 @@ class TrainConfig(_Model):
         description="Largest image (width x height) the dataset may hold; a bigger one stops the run (exit 65).",
     )
 
-    save_steps: Steps | None = Field(None, description="Commit a resumable checkpoint every N steps.")
+    save_steps: SaveSteps = Field(
+        None, description="Commit a resumable checkpoint every N steps, or auto: the Young/Daly interval from the "
+        "measured commit cost and the preemption rate (LORA_PREEMPTION_RATE_PER_HOUR).",
+    )
+    min_save_steps: Steps = Field(DEFAULT_MIN_STEPS, description="save_steps auto: the fewest steps between checkpoints.")
+    max_save_steps: Steps = Field(DEFAULT_MAX_STEPS, description="save_steps auto: the most steps between checkpoints.")
     keep_last: int = Field(3, ge=0, le=10_000, description="Committed checkpoints to keep; 0 keeps all.")
     log_every: int = Field(10, ge=1, le=100_000, description="Steps between plain log lines and scalars.")
 
@@ -338,6 +381,8 @@ class TrainConfig(_Model):
             raise ValueError(problem)
         if problem := task_problem(self):
             raise ValueError(problem)
+        if problem := save_steps_problem(self.save_steps, self.min_save_steps, self.max_save_steps):
+            raise ValueError(": ".join(problem))
         if self.min_bucket_reso > self.max_bucket_reso:
             raise ValueError(f"min_bucket_reso ({self.min_bucket_reso}) is over max_bucket_reso ({self.max_bucket_reso})")
         if self.epochs is None and self.max_train_steps is None:
@@ -352,6 +397,21 @@ class TrainConfig(_Model):
     def alpha(self) -> float:
         """The effective LoRA alpha (defaults to the rank)."""
         return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+
+def save_steps_problem(save_steps: int | str | None, min_steps: int, max_steps: int,
+                       names: tuple[str, str, str] = ("save_steps", "min_save_steps", "max_save_steps"),
+                       ) -> tuple[str, str] | None:
+    """(field, why) when the auto bounds do not fit (pure): min over max, or a bound changed without auto."""
+    every, low, high = names
+    if save_steps != AUTO:
+        for name, value, default in ((low, min_steps, DEFAULT_MIN_STEPS), (high, max_steps, DEFAULT_MAX_STEPS)):
+            if value != default:
+                return name, f"only with {every}: auto (it bounds the automatic interval); remove it or set {every}: auto"
+        return None
+    if min_steps > max_steps:
+        return low, f"{min_steps} is over {high} ({max_steps}); lower {low} or raise {high}"
+    return None
 
 
 def task_problem(config: TrainConfig) -> str | None:

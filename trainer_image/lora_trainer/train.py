@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lora_trainer import checkpoint, contract, determinism, gpustats, state
+from lora_trainer import checkpoint, contract, determinism, gpustats, interval, state
 from lora_trainer.architectures import read_lm_config
 from lora_trainer.cache import EncodeCache, cache_kinds
 from lora_trainer.config import (
@@ -251,6 +251,7 @@ class Trainer:
         # Stale scratch from a killed attempt is never trusted; a folder that is not ours is refused.
         prepare_work_dir(self.scratch, "work_dir" if c.work_dir else "cache_dir")
         optimizer_class(c)  # a missing optional optimizer stops the run before the model loads
+        rate = interval.read_rate(os.environ) if c.save_steps == interval.AUTO else None  # a bad one too (78)
         device_type = pick_device(c.device).type
         determinism.apply(determinism.settings_for(device_type, c.determinism))  # before CUDA starts
         log.info("determinism %s on %s: %s", c.determinism, device_type, determinism.guarantee(c.determinism, device_type))
@@ -315,8 +316,9 @@ class Trainer:
                 commit_checkpoint(uploads, folder, at, attempt, self.hash, self.fields, c.keep_last)
                 shutil.rmtree(folder, ignore_errors=True)
 
-            uploader.submit(f"checkpoint step {at}", commit)
+            job = uploader.submit(f"checkpoint step {at}", commit)
             last_committed = at
+            return job
 
         def progress(state_name: str) -> None:
             p = Progress(
@@ -328,6 +330,9 @@ class Trainer:
             data = p.model_dump_json().encode()
             uploader.submit("progress", lambda: uploads.put_bytes(contract.PROGRESS_FILE, data), coalesce_key="progress")
 
+        # Where checkpoints fall (fixed, or auto: Young/Daly from the preemption rate); never what is trained.
+        cadence = interval.Cadence.start(c.save_steps, c.min_save_steps, c.max_save_steps, step, time.monotonic(),
+                                         attempt, rate)
         try:
             while step < steps:
                 if self.stop.requested:
@@ -346,8 +351,10 @@ class Trainer:
                 reporter.update(step, out.loss, tokens=out.tokens, note=gpustats.log_text(gpu))
                 # The last step is checkpointed too: a run can be extended (more steps) without
                 # losing its tail, and a pod lost while exporting resumes with nothing to redo.
-                if c.save_steps and (step % c.save_steps == 0 or step == steps):
-                    snapshot(step)
+                if cadence.due(step, steps):
+                    began = time.monotonic()
+                    commit = snapshot(step)
+                    cadence.saved(step, began, time.monotonic(), commit.done)
                 if time.monotonic() - last_progress > PROGRESS_EVERY_SECONDS:
                     progress("running")
                     last_progress = time.monotonic()
