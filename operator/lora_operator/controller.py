@@ -50,9 +50,9 @@ from lora_operator.status import TERMINAL_PHASES, bound_status, merge_patch, rej
 ERROR_DELAY = 5.0  # seconds before a loop retries after the API or the store failed
 RESYNC_SECONDS = 300.0  # a job's loop reads the job and its pods fresh at least this often
 SECRET_TTL = 30.0  # seconds a Secret read is reused (we may only `get` Secrets, not watch them)
-# How long JobSet discovery is believed: an installed JobSet stays; a missing one is asked again soon
-# (only jobs with spec.nodes > 1 ask, when they start an attempt).
-JOBSET_SEEN_TTL, JOBSET_MISSING_TTL = RESYNC_SECONDS, ERROR_DELAY
+# How long "JobSet is installed" is believed. "Not installed" is never cached: it fails the job, so it is
+# asked fresh each time (only jobs with spec.nodes > 1 ask, when they are about to start an attempt).
+JOBSET_SEEN_TTL = RESYNC_SECONDS
 WAKE_HANDLERS = ("job_event", "pod_event")
 
 
@@ -172,15 +172,16 @@ class Memo:
     secrets: dict[tuple[str, str], tuple[float, dict[str, str] | None]] = field(default_factory=dict)
     metrics: Metrics | None = None
     gone: set[str] = field(default_factory=set)  # uids of jobs deleted while their loop runs
-    jobset_api: tuple[float, bool] | None = None  # (believed until, served): discovery of JobSet
+    jobset_api: float | None = None  # time.monotonic() until which JobSet is believed installed
 
     async def jobsets_served(self) -> bool:
-        """Whether the API serves JobSets (discovery, cached: see JOBSET_SEEN_TTL)."""
+        """Whether the API serves JobSets (discovery; a yes is reused for JOBSET_SEEN_TTL seconds)."""
         now = time.monotonic()
-        if self.jobset_api is None or self.jobset_api[0] <= now:
-            served = await self.kube.jobsets_served()
-            self.jobset_api = (now + (JOBSET_SEEN_TTL if served else JOBSET_MISSING_TTL), served)
-        return self.jobset_api[1]
+        if self.jobset_api is not None and self.jobset_api > now:
+            return True
+        served = await self.kube.jobsets_served()
+        self.jobset_api = now + JOBSET_SEEN_TTL if served else None
+        return served
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         """The Secret's data, reused for SECRET_TTL seconds (a rotated key is seen within that)."""

@@ -2,7 +2,8 @@
 
 Behaviours tested:
 - without the JobSet CRD (discovery does not list jobsets.jobset.x-k8s.io) a `nodes: 2` job is
-  Failed with reason JobSetNotInstalled, says what to install, and gets no pod;
+  Failed with reason JobSetNotInstalled, says what to install, and gets no pod; once the CRD is
+  installed, the same operator asks discovery again and a new `nodes: 2` job gets its JobSet;
 - with the CRD, a `nodes: 2` job becomes the JobSet `<job>-a1`, owned by the job (controller),
   with one Indexed replicated job of 2 pods and maxRestarts 0; its pods (made by the test from
   the JobSet's template, with JobSet's names and labels, owned by the JobSet) carry the job's
@@ -159,6 +160,11 @@ def test_jobset_not_installed_fails_the_job(kube_api: KubeTarget, cluster: Clust
             assert st["reason"] == js.NOT_INSTALLED and "install JobSet" in st["message"]
             assert c.condition("grp", "Stalled")["reason"] == js.NOT_INSTALLED
             assert c.pods("grp") == []
+            # Installed later: the operator asks discovery again (it never keeps a "no"), so a new job runs.
+            kube_api.register_crd(jobset_crd())
+            c.create_job("grp-later", group_spec())
+            eventually(lambda: _assert(JobSetPlayer(c).exists("grp-later-a1")), 30)
+            assert c.status("grp")["phase"] == "Failed"
     finally:
         kube_api.register_crd(jobset_crd())
 

@@ -26,6 +26,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from lora_operator.classify import RUN_ANNOTATION, Result, is_owned_by
 from lora_operator.jobset import (
     COMPLETION_INDEX,
     JOBSET_NAME_LABEL,
@@ -39,8 +40,15 @@ from lora_operator.jobset import (
     leader_address,
 )
 from lora_operator.pods import build_pod
-from lora_operator.reconcile import CreateJobSet, CreatePod, Decision, DeleteJobSet, DeletePod, Observed, reconcile
-from lora_operator.classify import RUN_ANNOTATION, Result, is_owned_by
+from lora_operator.reconcile import (
+    CreateJobSet,
+    CreatePod,
+    Decision,
+    DeleteJobSet,
+    DeletePod,
+    Observed,
+    reconcile,
+)
 from lora_operator.spec import SpecError
 from tests.unit.builders import NOW, SETTINGS, make_job, make_pod, ts
 
