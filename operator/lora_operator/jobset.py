@@ -78,7 +78,7 @@ def leader_address(jobset: str) -> str:
 def not_installed_message() -> str:
     """What the JobSetNotInstalled condition says to do."""
     return (f"spec.nodes > 1 runs the attempt as a JobSet, but the API server does not serve {PLURAL}.{GROUP}/"
-            f"{VERSION}: install JobSet (kubernetes-sigs/jobset, v0.6 or later: `kubectl apply --server-side -f "
+            f"{VERSION}: install JobSet (kubernetes-sigs/jobset, v0.5 or later: `kubectl apply --server-side -f "
             "https://github.com/kubernetes-sigs/jobset/releases/download/<version>/manifests.yaml`) and re-create "
             "the job, or set spec.nodes: 1")
 

@@ -16,7 +16,8 @@ Behaviours tested:
   reclaim of any pod → preemptions +1 and the attempt's JobSet deleted (never its pods alone);
   once its pods are gone the next JobSet; leader exit 0 → Succeeded; a vanished JobSet → one
   preemption; a JobSet without pods past the deadline → Stalled JobSetNoPods; a group pod one
-  attempt ahead is adopted; a group pod of another run (run annotation) is not ours.
+  attempt ahead is adopted; a group pod of another run (run annotation) is not ours; suspend and
+  stale attempts stop by deleting the JobSet; a pod stuck Terminating on a lost node is forced.
 """
 
 from __future__ import annotations
@@ -241,3 +242,27 @@ def test_group_one_attempt_ahead_is_adopted_not_deleted() -> None:
 def test_pods_of_another_run_are_not_counted() -> None:
     d = decide(group_job(2, running()), [gpod(0, run="uid-old", **RECLAIM)], jobset=LIVE_JOBSET)
     assert d.status["preemptions"] == 0
+
+
+def test_suspend_deletes_the_jobset_and_counts_nothing() -> None:
+    job = group_job(2, running(), suspend=True)
+    d = decide(job, [gpod(0), gpod(1)], jobset=LIVE_JOBSET)
+    assert jobsets(d, DeleteJobSet) == ["job-a1"] and not jobsets(d, DeletePod)
+    assert d.status["phase"] == "Suspended"
+    stopping = [gpod(i, deleting_ago=1) for i in range(2)]
+    d2 = decide(group_job(2, d.status, suspend=True), stopping, jobset=None)
+    assert (d2.status["preemptions"], d2.status["failures"]) == (0, 0) and not jobsets(d2, CreateJobSet)
+
+
+def test_live_pods_of_an_older_group_attempt_stop_by_their_jobset() -> None:
+    d = decide(group_job(2, running(attempt=2)), [gpod(1, attempt=1), gpod(0, attempt=2), gpod(1, attempt=2)],
+               jobset={"metadata": {"name": "job-a2", "creationTimestamp": ts(60)}})
+    assert jobsets(d, DeleteJobSet) == ["job-a1"]
+    assert any(e.reason == "StalePod" for e in d.events)
+
+
+def test_pod_stuck_terminating_on_a_lost_node_is_forced_too() -> None:
+    status = running(lastAttempt={"attempt": 1, "result": "Preempted"}, phase="Recovering")
+    stuck_pod = gpod(1, deleting_ago=SETTINGS.terminating_grace + 1)
+    d = decide(group_job(2, status), [stuck_pod], nodes_ready={"node-1": False})
+    assert jobsets(d, DeleteJobSet) == ["job-a1"] and jobsets(d, DeletePod) == [stuck_pod["metadata"]["name"]]
