@@ -277,15 +277,18 @@ async def _observe(memo: Memo, job: Mapping[str, Any], pods: list[Mapping[str, A
 
 
 async def _observe_group(memo: Memo, job: Mapping[str, Any]) -> dict[str, Any]:
-    """spec.nodes > 1: whether JobSets are served (before a new attempt), and the current attempt's JobSet."""
+    """spec.nodes > 1: the JobSet the pass is about (the running attempt's, else the next one's) and,
+    before a new attempt, whether JobSets are served."""
     nodes, status = (job.get("spec") or {}).get("nodes"), job.get("status") or {}
     if not isinstance(nodes, int) or nodes <= 1 or status.get("phase") in TERMINAL_PHASES:
         return {}
-    attempt = status.get("attempt") or 0
-    if not attempt or (status.get("lastAttempt") or {}).get("attempt") == attempt:
-        return {"jobsets_served": await memo.jobsets_served()}
-    meta = job["metadata"]
-    return {"jobset": await memo.kube.get_jobset(meta["namespace"], jobset_name(meta["name"], attempt))}
+    attempt, meta = status.get("attempt") or 0, job["metadata"]
+    if attempt and (status.get("lastAttempt") or {}).get("attempt") != attempt:  # the attempt runs
+        return {"jobset": await memo.kube.get_jobset(meta["namespace"], jobset_name(meta["name"], attempt))}
+    if not await memo.jobsets_served():
+        return {"jobsets_served": False}
+    # The next attempt's name may still be held by a deleted job's JobSet (a re-apply): reconcile waits.
+    return {"jobset": await memo.kube.get_jobset(meta["namespace"], jobset_name(meta["name"], attempt + 1))}
 
 
 def _output_users(memo: Memo, status: Mapping[str, Any]) -> list[OutputUse]:

@@ -67,7 +67,8 @@ class Observed:
     nodes_ready: Mapping[str, bool] = field(default_factory=dict)
     # Other live jobs' outputs (the operator's cache), for the OutputInUse check.
     output_users: Sequence[OutputUse] = ()
-    # spec.nodes > 1: the current attempt's JobSet as read (None: absent), and whether the API serves JobSets.
+    # spec.nodes > 1: the JobSet as read (None: absent) of the running attempt, or else of the next one;
+    # and whether the API serves JobSets.
     jobset: Mapping[str, Any] | None = None
     jobsets_served: bool = True
 
@@ -411,6 +412,10 @@ class _Run:
         """Add the attempt's JobSet to the actions; False (and the job Failed) if it cannot be made."""
         if not self.obs.jobsets_served:
             self.fail(NOT_INSTALLED, not_installed_message())
+            return False
+        if self.obs.jobset is not None and not is_owned_by(self.obs.jobset, self.meta.get("uid")):
+            self.wait_for_cluster(f"waiting for JobSet {pod_name(self.name, attempt)} of a deleted job with the "
+                                  "same name to be garbage-collected")
             return False
         try:
             self.d.actions.append(CreateJobSet(build_jobset(self.obs.job, attempt, self.settings, spec)))

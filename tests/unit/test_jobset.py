@@ -17,7 +17,8 @@ Behaviours tested:
   once its pods are gone the next JobSet; leader exit 0 → Succeeded; a vanished JobSet → one
   preemption; a JobSet without pods past the deadline → Stalled JobSetNoPods; a group pod one
   attempt ahead is adopted; a group pod of another run (run annotation) is not ours; suspend and
-  stale attempts stop by deleting the JobSet; a pod stuck Terminating on a lost node is forced.
+  stale attempts stop by deleting the JobSet; a pod stuck Terminating on a lost node is forced;
+  the next JobSet name still held by a deleted job's JobSet (a re-apply) makes the job wait.
 """
 
 from __future__ import annotations
@@ -266,3 +267,13 @@ def test_pod_stuck_terminating_on_a_lost_node_is_forced_too() -> None:
     stuck_pod = gpod(1, deleting_ago=SETTINGS.terminating_grace + 1)
     d = decide(group_job(2, status), [stuck_pod], nodes_ready={"node-1": False})
     assert jobsets(d, DeleteJobSet) == ["job-a1"] and jobsets(d, DeletePod) == [stuck_pod["metadata"]["name"]]
+
+
+def test_next_jobset_name_held_by_a_deleted_job_waits() -> None:
+    old_run = {"metadata": {"name": "job-a1", "ownerReferences": [
+        {"kind": "LoRATrainingJob", "name": "job", "uid": "uid-old", "controller": True}]}}
+    d = decide(group_job(2), jobset=old_run)
+    assert not d.actions and d.status["attempt"] == 0 and d.requeue_after is not None
+    ours = {"metadata": {"name": "job-a1", "ownerReferences": [
+        {"kind": "LoRATrainingJob", "name": "job", "uid": "uid-1", "controller": True}]}}
+    assert jobsets(decide(group_job(2), jobset=ours), CreateJobSet) == ["job-a1"]  # a lost status write: 409 = done
