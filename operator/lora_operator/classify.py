@@ -22,6 +22,9 @@ from lora_trainer.errors import EXIT_NOPERM, EXIT_OK, EXIT_OOM, EXIT_PREEMPTED
 ATTEMPT_LABEL = "lora-operator.dev/attempt"
 JOB_LABEL = "lora-operator.dev/job"
 TRAINER_CONTAINER = "trainer"
+# A group's pods (spec.nodes > 1) are owned by their Job, not by the LoRATrainingJob: this annotation
+# (the job's uid) says whose run they belong to (a re-applied job of the same name is another run).
+RUN_ANNOTATION = "lora-operator.dev/run"
 MAX_MESSAGE = 600
 # The contract's exit 77 (EX_NOPERM): the store refused the trainer permanently (no such bucket,
 # bad credentials). Like every 64-78 code but 75 it is not retried; it gets a reason of its own.
@@ -74,6 +77,7 @@ class Reason:
     COMPLETED = "Completed"
     FAILED = "Failed"
     STALE_POD = "StalePod"
+    GROUP_ENDED = "GroupEnded"  # a group attempt ended with one pod: its other pods are stopped
     STORAGE_REJECTED = "StorageRejected"  # exit 77
     OUT_OF_MEMORY = "OutOfMemory"  # exit 71: a training step ran out of GPU or host memory
     # The API server refused the job's status (422): a short one was written instead.
@@ -157,7 +161,11 @@ def is_terminating(pod: Mapping[str, Any]) -> bool:
 def is_owned_by(pod: Mapping[str, Any], uid: str | None) -> bool:
     """Whether the pod belongs to the job with this uid. A pod left by a deleted job of the same
     name (the garbage collector has not removed it yet) carries the old uid and is not ours."""
-    refs = [r for r in (pod.get("metadata") or {}).get("ownerReferences") or [] if r.get("controller")]
+    meta = pod.get("metadata") or {}
+    run = (meta.get("annotations") or {}).get(RUN_ANNOTATION)
+    if uid and run:
+        return bool(run == uid)
+    refs = [r for r in meta.get("ownerReferences") or [] if r.get("controller")]
     return not uid or not refs or any(r.get("uid") == uid for r in refs)
 
 

@@ -28,13 +28,16 @@ import kopf
 
 from lora_operator import kube as k
 from lora_operator.classify import JOB_LABEL, is_terminating, parse_time
+from lora_operator.jobset import jobset_name
 from lora_operator.metrics import Metrics
 from lora_operator.outputs import OutputIndex, OutputUse, output_use
 from lora_operator.progress import ProgressUnavailable, check_endpoint, credentials_from_secret, read_progress
 from lora_operator.reconcile import (
+    CreateJobSet,
     CreatePod,
     Decision,
     DeleteJob,
+    DeleteJobSet,
     DeletePod,
     Observed,
     pod_rejected,
@@ -47,6 +50,9 @@ from lora_operator.status import TERMINAL_PHASES, bound_status, merge_patch, rej
 ERROR_DELAY = 5.0  # seconds before a loop retries after the API or the store failed
 RESYNC_SECONDS = 300.0  # a job's loop reads the job and its pods fresh at least this often
 SECRET_TTL = 30.0  # seconds a Secret read is reused (we may only `get` Secrets, not watch them)
+# How long "JobSet is installed" is believed. "Not installed" is never cached: it fails the job, so it is
+# asked fresh each time (only jobs with spec.nodes > 1 ask, when they are about to start an attempt).
+JOBSET_SEEN_TTL = RESYNC_SECONDS
 WAKE_HANDLERS = ("job_event", "pod_event")
 
 
@@ -163,6 +169,16 @@ class Memo:
     secrets: dict[tuple[str, str], tuple[float, dict[str, str] | None]] = field(default_factory=dict)
     metrics: Metrics | None = None
     gone: set[str] = field(default_factory=set)  # uids of jobs deleted while their loop runs
+    jobset_api: float | None = None  # time.monotonic() until which JobSet is believed installed
+
+    async def jobsets_served(self) -> bool:
+        """Whether the API serves JobSets (discovery; a yes is reused for JOBSET_SEEN_TTL seconds)."""
+        now = time.monotonic()
+        if self.jobset_api is not None and self.jobset_api > now:
+            return True
+        served = await self.kube.jobsets_served()
+        self.jobset_api = now + JOBSET_SEEN_TTL if served else None
+        return served
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         """The Secret's data, reused for SECRET_TTL seconds (a rotated key is seen within that)."""
@@ -254,7 +270,22 @@ async def _observe(memo: Memo, job: Mapping[str, Any], pods: list[Mapping[str, A
         except (SpecError, ProgressUnavailable) as exc:
             problem = str(exc)
     return Observed(job=job, pods=pods, now=now, progress=progress, latest=latest, nodes_ready=nodes,
-                    output_users=_output_users(memo, job, status)), problem
+                    output_users=_output_users(memo, job, status), **await _observe_group(memo, job)), problem
+
+
+async def _observe_group(memo: Memo, job: Mapping[str, Any]) -> dict[str, Any]:
+    """spec.nodes > 1: the JobSet the pass is about (the running attempt's, else the next one's) and,
+    before a new attempt, whether JobSets are served."""
+    nodes, status = (job.get("spec") or {}).get("nodes"), job.get("status") or {}
+    if not isinstance(nodes, int) or nodes <= 1 or status.get("phase") in TERMINAL_PHASES:
+        return {}
+    attempt, meta = status.get("attempt") or 0, job["metadata"]
+    if attempt and (status.get("lastAttempt") or {}).get("attempt") != attempt:  # the attempt runs
+        return {"jobset": await memo.kube.get_jobset(meta["namespace"], jobset_name(meta["name"], attempt))}
+    if not await memo.jobsets_served():
+        return {"jobsets_served": False}
+    # The next attempt's name may still be held by a deleted job's JobSet (a re-apply): reconcile waits.
+    return {"jobset": await memo.kube.get_jobset(meta["namespace"], jobset_name(meta["name"], attempt + 1))}
 
 
 def _output_users(memo: Memo, job: Mapping[str, Any], status: Mapping[str, Any]) -> list[OutputUse]:
@@ -345,6 +376,20 @@ async def _apply(memo: Memo, job: Mapping[str, Any], obs: Observed, decision: De
                 break
         elif isinstance(action, DeletePod):
             await memo.kube.delete_pod(ns, action.name, action.grace_seconds)
+        elif isinstance(action, CreateJobSet):
+            try:
+                await memo.kube.create_jobset(action.jobset)
+            except k.AlreadyExists:
+                if cached:
+                    raise _Stale(f"JobSet {action.jobset['metadata']['name']} exists already") from None
+            except k.NotFound:
+                memo.jobset_api = None  # uninstalled since discovery: the next pass asks again
+                raise
+            except k.Invalid as exc:
+                decision = pod_rejected(obs, memo.settings, str(exc))
+                break
+        elif isinstance(action, DeleteJobSet):
+            await memo.kube.delete_jobset(ns, action.name)
         elif isinstance(action, DeleteJob):
             await memo.kube.delete_job(ns, job["metadata"]["name"])
     decision.status = bound_status(decision.status)
@@ -369,7 +414,7 @@ def _needs_fresh_look(old: Mapping[str, Any], decision: Decision) -> bool:
     the pod's phase (the next pass corrects a status written from a lagging copy)."""
     first_pod = (old.get("attempt") or 0) == 0 and decision.status.get("attempt") == 1
     for action in decision.actions:
-        if isinstance(action, DeletePod) or not first_pod:
+        if isinstance(action, DeletePod | DeleteJobSet) or not first_pod:
             return True
     new = decision.status
     if (new.get("attempt") or 0) != (old.get("attempt") or 0) and not first_pod:

@@ -24,6 +24,7 @@ import kubernetes
 import urllib3
 from kubernetes.client.rest import ApiException
 
+from lora_operator import jobset as js
 from lora_operator.classify import JOB_LABEL
 from lora_operator.spec import GROUP, PLURAL, VERSION
 
@@ -180,6 +181,40 @@ class Kube:
         try:
             await self._call(f"delete job {namespace}/{name}", self.custom.delete_namespaced_custom_object,
                              GROUP, VERSION, namespace, PLURAL, name, body={"propagationPolicy": "Background"})
+        except NotFound:
+            pass
+
+    async def jobsets_served(self) -> bool:
+        """Whether discovery lists jobsets.jobset.x-k8s.io/v1alpha2 (JobSet is installed)."""
+        try:
+            body = await self._call("discover the JobSet API", self.custom.get_api_resources, js.GROUP, js.VERSION)
+        except NotFound:
+            return False
+        return any(r.get("name") == js.PLURAL for r in (body or {}).get("resources") or [])
+
+    async def get_jobset(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A group attempt's JobSet as stored now, None when it is gone."""
+        what = f"get JobSet {namespace}/{name}"
+        try:
+            body = await self._call(what, self.custom.get_namespaced_custom_object,
+                                    js.GROUP, js.VERSION, namespace, js.PLURAL, name)
+        except NotFound:
+            return None
+        return self._object(body, what)
+
+    async def create_jobset(self, jobset: Mapping[str, Any]) -> dict[str, Any]:
+        """Create a group attempt's JobSet; AlreadyExists means an earlier pass did it."""
+        meta = jobset["metadata"]
+        what = f"create JobSet {meta['namespace']}/{meta['name']}"
+        body = await self._call(what, self.custom.create_namespaced_custom_object,
+                                js.GROUP, js.VERSION, meta["namespace"], js.PLURAL, dict(jobset))
+        return self._object(body, what)
+
+    async def delete_jobset(self, namespace: str, name: str) -> None:
+        """Delete a JobSet; the garbage collector stops its pods, each with its grace period. Gone is fine."""
+        try:
+            await self._call(f"delete JobSet {namespace}/{name}", self.custom.delete_namespaced_custom_object,
+                             js.GROUP, js.VERSION, namespace, js.PLURAL, name, body={"propagationPolicy": "Background"})
         except NotFound:
             pass
 

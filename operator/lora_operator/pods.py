@@ -29,7 +29,7 @@ from lora_operator.spec import (
     parse_spec,
     to_train_config,
 )
-from lora_trainer.contract import ENV_ATTEMPT, ENV_CACHE_DIR, ENV_CONFIG, ENV_RUN_ID
+from lora_trainer.contract import ENV_ATTEMPT, ENV_CACHE_DIR, ENV_CONFIG, ENV_NPROC_PER_NODE, ENV_RUN_ID
 from lora_trainer.determinism import CUBLAS_ENV, settings_for
 from lora_trainer.interval import AUTO
 
@@ -101,6 +101,8 @@ def _env(spec: JobSpec, attempt: int, run: str) -> list[dict[str, Any]]:
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": storage.credentials_secret, "key": key}}})
     if storage.region:
         env.append({"name": "AWS_DEFAULT_REGION", "value": storage.region})
+    if spec.resources.gpus > 1:  # lora-train starts one torch.distributed worker per GPU
+        env.append({"name": ENV_NPROC_PER_NODE, "value": str(spec.resources.gpus)})
     return env
 
 

@@ -33,6 +33,7 @@ from lora_operator.classify import (
     vanished,
 )
 from lora_operator.endpoints import ENDPOINT_NOT_ALLOWED
+from lora_operator.jobset import NOT_INSTALLED, build_jobset, group_of, group_state, not_installed_message
 from lora_operator.outputs import OUTPUT_IN_USE, OutputUse, in_use_message, output_holder, output_use
 from lora_operator.pods import build_pod, check_job_name, pod_name
 from lora_operator.queueing import deadline_start
@@ -68,6 +69,10 @@ class Observed:
     nodes_ready: Mapping[str, bool] = field(default_factory=dict)
     # Other live jobs' outputs (the operator's cache), for the OutputInUse check.
     output_users: Sequence[OutputUse] = ()
+    # spec.nodes > 1: the JobSet as read (None: absent) of the running attempt, or else of the next one;
+    # and whether the API serves JobSets.
+    jobset: Mapping[str, Any] | None = None
+    jobsets_served: bool = True
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,19 @@ class CreatePod:
 class DeletePod:
     name: str
     grace_seconds: int | None = None  # None: the pod's own grace period; 0: force
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CreateJobSet:
+    jobset: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DeleteJobSet:
+    """Delete a group attempt's JobSet; its pods go with it, each with its own grace period."""
+
+    name: str
     reason: str = ""
 
 
@@ -96,7 +114,7 @@ class DeleteJob:
     reason: str = TTL_EXPIRED
 
 
-Action = CreatePod | DeletePod | DeleteJob
+Action = CreatePod | DeletePod | DeleteJob | CreateJobSet | DeleteJobSet
 
 
 @dataclass
@@ -158,7 +176,12 @@ class _Run(SchedulingSteps):
         return next((p for p in self.pods if p["metadata"]["name"] == wanted), None)
 
     def delete(self, pod: Mapping[str, Any], grace: int | None, reason: str) -> None:
-        name = pod["metadata"]["name"]
+        name, group = pod["metadata"]["name"], group_of(pod)
+        if group and group not in self.deleting:  # its Job would replace a pod deleted alone
+            self.deleting.add(group)
+            self.d.actions.append(DeleteJobSet(group, reason))
+        if group and grace != 0:
+            return
         if name not in self.deleting:
             self.deleting.add(name)
             self.d.actions.append(DeletePod(name, grace, reason))
@@ -221,6 +244,8 @@ class _Run(SchedulingSteps):
         attempt = self.s["attempt"]
         if self.classified():
             return
+        if spec.nodes > 1:
+            return self.check_group(spec)
         pod = self.pod(attempt)
         if pod is None:
             return self.spend(vanished(spec.suspend), spec)
@@ -253,6 +278,30 @@ class _Run(SchedulingSteps):
         else:
             age = (self.now - (since or self.now)).total_seconds()
             self.d.requeue(max(1.0, self.settings.pending_deadline - age))
+        return None
+
+    def check_group(self, spec: JobSpec) -> None:
+        """The current attempt is a JobSet: its pods end, run or wait as one (lora_operator.jobset)."""
+        attempt = self.s["attempt"]
+        pods = [p for p in self.pods if attempt_of(p) == attempt]
+        if self.queued_group(pods, self.obs.jobset, spec):
+            return None
+        since = deadline_start(self.s.get("admission"), attempt, None, parse_time)
+        group = group_state(pods, spec.nodes, self.obs.jobset, self.now, self.settings.pending_deadline, since)
+        if group.leader:
+            self.s["podName"] = group.leader
+        if group.outcome is not None:
+            return self.spend(group.outcome, spec)
+        if group.running:
+            self.set_phase("Running", Reason.RUNNING, f"attempt {attempt} is training on {spec.nodes} nodes "
+                           f"(leader on {group.node})")
+            if (st.get_condition(self.s.get("conditions") or [], st.PREEMPTED) or {}).get("status") == "True":
+                self.condition(st.PREEMPTED, False, Reason.RESUMED, f"attempt {attempt} resumed training")
+        elif group.stuck is not None and group.stuck.fatal:
+            self.fail(group.stuck.reason, group.stuck.message)
+        elif group.stuck is not None:
+            self.stalled = (group.stuck.reason, group.stuck.message)
+        self.d.requeue(group.wait if group.wait is not None else self.settings.progress_interval)
         return None
 
     def spend(self, outcome: Outcome, spec: JobSpec) -> None:
@@ -300,7 +349,8 @@ class _Run(SchedulingSteps):
         """A pod one attempt ahead means its creation was done but the status write was lost."""
         if not self.classified():
             return False
-        ahead = self.pod(self.s["attempt"] + 1)
+        ahead = self.pod(self.s["attempt"] + 1) or next(
+            (p for p in self.pods if attempt_of(p) == self.s["attempt"] + 1), None)  # a group's pod
         if ahead is None:
             return False
         self.s["attempt"] += 1
@@ -311,10 +361,13 @@ class _Run(SchedulingSteps):
     def delete_strays(self, spec: JobSpec) -> None:
         """Live pods of other attempts must never run beside the current one (fencing)."""
         for p in self.live_pods():
-            if attempt_of(p) == self.s["attempt"]:
+            if attempt_of(p) == self.s["attempt"] and (not self.classified() or not group_of(p)):
                 continue
             node = (p.get("spec") or {}).get("nodeName") or ""
-            if not is_terminating(p):
+            if attempt_of(p) == self.s["attempt"] and not is_terminating(p):
+                # The group's attempt ended with one pod: stop the others (the leader commits on SIGTERM).
+                self.delete(p, spec.spot.termination_grace_period_seconds, Reason.GROUP_ENDED)
+            elif not is_terminating(p):
                 self.delete(p, spec.spot.termination_grace_period_seconds, Reason.STALE_POD)
                 self.event("Warning", Reason.STALE_POD, f"deleted {p['metadata']['name']}: not the current attempt")
             elif stuck_terminating(p, self.now, self.settings.terminating_grace, self.obs.nodes_ready.get(node)):
@@ -351,20 +404,41 @@ class _Run(SchedulingSteps):
             self.wait_for_cluster(f"waiting for pod {pod_name(self.name, attempt)} of a deleted job with the same "
                                  "name to be garbage-collected")
             return
+        if spec.nodes > 1 and not self.create_group(spec, attempt):
+            return
         if self.s.get("phase") == "Suspended":
             self.event("Normal", Reason.RESUMED, "spec.suspend is false: starting the next attempt")
-        # With this pass's status: a preemption counted just now belongs in the rate the pod is told.
-        self.d.actions.append(CreatePod(build_pod({**self.obs.job, "status": self.s}, attempt, self.settings, spec,
-                                                  self.next_pool(spec))))
+        if spec.nodes == 1:
+            # With this pass's status: a preemption counted just now belongs in the rate the pod is told.
+            self.d.actions.append(CreatePod(build_pod({**self.obs.job, "status": self.s}, attempt, self.settings, spec,
+                                                      self.next_pool(spec))))
         self.s.update(attempt=attempt, podName=pod_name(self.name, attempt))
         self.s.pop("nextAttemptTime", None)
         self.s.setdefault("startTime", st.rfc3339(self.now))
-        self.event("Normal", Reason.STARTING, f"created pod {pod_name(self.name, attempt)} (attempt {attempt})")
+        what = f"JobSet of {spec.nodes} pods" if spec.nodes > 1 else "pod"
+        self.event("Normal", Reason.STARTING, f"created {what} {pod_name(self.name, attempt)} (attempt {attempt})")
         if first:  # the AttemptStarted event says it: one Event per new job, not two (API writes at scale)
             self.set_phase("Pending", Reason.WAITING, "waiting for the trainer pod to start", announce=False)
         else:
             self.set_phase("Recovering", self.s.get("reason") or Reason.WAITING,
                            f"attempt {attempt} started; it resumes from the latest checkpoint")
+
+    def create_group(self, spec: JobSpec, attempt: int) -> bool:
+        """Add the attempt's JobSet to the actions; False (and the job Failed) if it cannot be made."""
+        if not self.obs.jobsets_served:
+            self.fail(NOT_INSTALLED, not_installed_message())
+            return False
+        if self.obs.jobset is not None and not is_owned_by(self.obs.jobset, self.meta.get("uid")):
+            self.wait_for_cluster(f"waiting for JobSet {pod_name(self.name, attempt)} of a deleted job with the "
+                                  "same name to be garbage-collected")
+            return False
+        try:
+            self.d.actions.append(CreateJobSet(build_jobset({**self.obs.job, "status": self.s}, attempt, self.settings, spec,
+                                                            self.next_pool(spec))))
+        except SpecError as exc:
+            self.fail(Reason.INVALID_SPEC, str(exc))
+            return False
+        return True
 
     def output_in_use(self) -> bool:
         """Another live job holds an overlapping output: start nothing (Stalled, OutputInUse)."""

@@ -15,7 +15,8 @@ from typing import Any
 
 from lora_operator import cost
 from lora_operator import status as st
-from lora_operator.classify import Outcome, Reason, Result, parse_time, phase
+from lora_operator.classify import Outcome, Reason, Result, attempt_of, parse_time, phase
+from lora_operator.jobset import group_queued
 from lora_operator.placement import (
     ON_DEMAND,
     SPOT,
@@ -37,6 +38,7 @@ class SchedulingSteps:
     now: datetime
     settings: Settings
     d: Any  # reconcile.Decision
+    pods: list[Mapping[str, Any]]
     pod: Callable[[int], Mapping[str, Any] | None]
     delete: Callable[[Mapping[str, Any], int | None, str], None]
     spend: Callable[[Outcome, JobSpec], None]
@@ -51,15 +53,33 @@ class SchedulingSteps:
     def queued(self, pod: Mapping[str, Any], spec: JobSpec) -> bool:
         """A pod held by a scheduling gate (Kueue) is Pending/Queued, never Stalled; record its admission."""
         held = is_queued(pod)
+        return self.hold(held, queued_message(pod, spec.queue_name) if held else "")
+
+    def queued_group(self, pods: list[Mapping[str, Any]], jobset: Mapping[str, Any] | None, spec: JobSpec) -> bool:
+        """spec.nodes > 1: a JobSet Kueue holds (suspended, no pods yet) is Pending/Queued, never Stalled."""
+        held = jobset is not None and group_queued(pods, jobset)
+        name = ((jobset or {}).get("metadata") or {}).get("name", "?")
+        return self.hold(held, f"JobSet {name} waits for admission in LocalQueue {spec.queue_name} (Kueue keeps it "
+                               "suspended); the pending deadline starts once admitted")
+
+    def hold(self, held: bool, message: str) -> bool:
+        """Record the attempt's admission (status.admission); while held, the job is Pending/Queued."""
         record = admission(self.s.get("admission"), self.s["attempt"], held, st.rfc3339(self.now))
         if record is None:
             self.s.pop("admission", None)
         else:
             self.s["admission"] = record
         if held:
-            self.set_phase("Pending", Reason.QUEUED, queued_message(pod, spec.queue_name))
+            self.set_phase("Pending", Reason.QUEUED, message)
             self.d.requeue(self.settings.progress_interval)
         return held
+
+    def attempt_usage(self, attempt: int, spec: JobSpec, fallback_pool: str) -> tuple[str, float]:
+        """The pool and GPU-seconds of an attempt so far: its pod's, or the sum over its group's pods."""
+        pods = [p for p in self.pods if attempt_of(p) == attempt] if spec.nodes > 1 else \
+            [p for p in [self.pod(attempt)] if p is not None]
+        pool = pool_of(pods[0]) if pods else fallback_pool
+        return pool, sum(cost.run_seconds(p, self.now, parse_time) for p in pods) * spec.resources.gpus
 
     def rescheduled(self, pod: Mapping[str, Any], spec: JobSpec) -> bool:
         """A spot pod unschedulable past spec.spot.fallback.unschedulableSeconds is replaced on on-demand."""
@@ -85,10 +105,9 @@ class SchedulingSteps:
         fb = spec.spot.fallback
         if fb is None:
             return
-        attempt, pod = self.s["attempt"], self.pod(self.s["attempt"])
+        attempt = self.s["attempt"]
         current = Placement.from_status(self.s.get("placement"))
-        pool = pool_of(pod) if pod else current.pool
-        seconds = cost.run_seconds(pod, self.now, parse_time) * spec.resources.gpus
+        pool, seconds = self.attempt_usage(attempt, spec, current.pool)
         self.s["usage"] = cost.usage(cost.settle(self.s.get("usage"), attempt, pool, seconds), None, 0.0)
         new = current
         if outcome.result is Result.PREEMPTED and not spec.suspend:
@@ -105,9 +124,8 @@ class SchedulingSteps:
             return
         self.s.setdefault("placement", Placement().to_status())
         settled = (self.s.get("usage") or {}).get("settled") or cost.settle(None, 0, SPOT, 0.0)
-        pod = None if self.classified() else self.pod(self.s["attempt"])
-        live = cost.run_seconds(pod, self.now, parse_time) * spec.resources.gpus
-        self.s["usage"] = used = cost.usage(settled, pool_of(pod) if pod else None, live)
+        pool, live = (None, 0.0) if self.classified() else self.attempt_usage(self.s["attempt"], spec, "")
+        self.s["usage"] = used = cost.usage(settled, pool or None, live)
         priced = cost.estimate(used["spotGpuSeconds"], used["onDemandGpuSeconds"], self.settings.spot_gpu_hour_price,
                                self.settings.on_demand_gpu_hour_price, self.settings.currency)
         if priced is not None:

@@ -62,6 +62,7 @@ MAX_JOB_NAME = 52
 SCRATCH_DIR = "/scratch"
 CACHE_DIR = "/scratch/cache"
 WORK_DIR = "/scratch/work"
+MAX_NODES = 256  # pods of one group attempt (spec.nodes); the JobSet's hostnames stay DNS labels
 GRACE_MARGIN_SECONDS = 5  # the trainer must commit its checkpoint this long before SIGKILL
 
 CAUSAL_LM = "causal-lm"
@@ -414,6 +415,11 @@ class JobSpec(_Spec):
     output: OutputSpec = Field(description="Where the results go.")
     storage: StorageSpec = _obj(StorageSpec, "The S3-compatible store.")
     resources: ResourcesSpec = _obj(ResourcesSpec, "Pod resources and placement.")
+    nodes: int = Field(
+        1, ge=1, le=MAX_NODES,
+        description="Pods (nodes) the run spans, each with spec.resources; more than 1 runs the attempt as a "
+                    "JobSet (jobset.x-k8s.io, which must be installed) with torch.distributed across the pods.",
+    )
     spot: SpotSpec = _obj(SpotSpec, "Preemption budget and grace period.")
     failure_policy: FailurePolicySpec = _obj(FailurePolicySpec, "Retries of failed attempts.")
     image: str = Field("", max_length=1024, description="Trainer image; empty uses the operator's --trainer-image.")

@@ -91,6 +91,7 @@ EXPECTED_RULES = {
     (LTJ, "loratrainingjobs"): (frozenset({"get", "list", "watch", "patch", "update", "delete"}), ()),
     (LTJ, "loratrainingjobs/status"): (frozenset({"get", "patch", "update"}), ()),
     (CORE, "pods"): (frozenset({"create", "delete", "get", "list", "watch", "patch"}), ()),
+    ("jobset.x-k8s.io", "jobsets"): (frozenset({"create", "delete", "get"}), ()),  # spec.nodes > 1
     (CORE, "events"): (frozenset({"create", "patch"}), ()),
     (EVENTS_API, "events"): (frozenset({"create", "patch"}), ()),
     (CORE, "secrets"): ALL_SECRETS,

@@ -8,7 +8,8 @@ authorization, no TokenRequest and no Pod Security admission, so it cannot say w
 - the operator, started with the rendered Deployment's own LORA_OPERATOR_* settings and a
   TokenRequest token of the chart's ServiceAccount (not admin), takes a job through
   pod a1 (admitted in a namespace enforcing Pod Security `restricted`) → spot reclaim
-  (DisruptionTarget + exit 75) → pod a2 → Succeeded, with preemptions 1 and failures 0;
+  (DisruptionTarget + exit 75) → pod a2 → Succeeded, with preemptions 1 and failures 0; then a
+  `nodes: 2` job gets its JobSet, and a reclaim of its leader deletes it (one preemption);
 - nothing in the operator's log is an RBAC denial (`… is forbidden: User "system:serviceaccount:…" cannot …`,
   Kopf's "Not enough permissions"): the chart's RBAC is all it needs;
 - every LoRATrainingJob under examples/ passes server-side dry-run.
@@ -34,8 +35,10 @@ import yaml
 
 from lora_operator.devcluster.controlplane import ControlPlane
 from lora_operator.devcluster.s3 import TEST_CREDENTIALS
+from tests.integration.test_jobset import JobSetPlayer
 from tests.integration.test_operator import Cluster, _assert, job_spec
 from tests.support import helmchart
+from tests.support.jobset import jobset_crd
 from tests.support.kube import eventually
 
 pytestmark = pytest.mark.timeout(300)
@@ -168,12 +171,30 @@ def test_chart_install_and_reclaim_as_service_account(plane: ControlPlane, s3_en
                 eventually(lambda: _assert(c.status("spot").get("phase") == "Succeeded"), 30)
                 st = c.status("spot")
                 assert (st["preemptions"], st["failures"], st["attempt"]) == (1, 0, 2)
+                group_reclaim(plane, c, s3_env)
                 text = log.read_text()
                 denied = [line for line in text.splitlines() if any(m.search(line) for m in RBAC_DENIALS)]
                 assert not denied, "\n".join(denied[:5])
                 assert "spot" in text  # the log is the operator's, and it did handle the job
     finally:
         kubectl(plane, "delete", "namespace", ns, "--wait=false")
+
+
+def group_reclaim(plane: ControlPlane, c: Cluster, s3_env: Any) -> None:
+    """spec.nodes > 1 under the chart's RBAC: the operator creates, reads and deletes a JobSet (the
+    test plays JobSet: tests/integration/test_jobset.py)."""
+    apply(plane, [jobset_crd()], "--force-conflicts")
+    kubectl(plane, "wait", "--for=condition=Established", "--timeout=60s", "crd/jobsets.jobset.x-k8s.io")
+    c.create_job("grp", {**job_spec(s3_env.endpoint, s3_env.bucket), "nodes": 2})
+    player = JobSetPlayer(c)
+    eventually(lambda: _assert(player.exists("grp-a1")), 60)
+    pods = player.create_pods("grp-a1")
+    for pod in pods:
+        c.run(pod)
+    eventually(lambda: _assert(c.status("grp").get("phase") == "Running"), 30)
+    c.finish(pods[0], 75, disruption="PreemptionByScheduler")
+    eventually(lambda: _assert(not player.exists("grp-a1")), 30)
+    assert c.status("grp")["preemptions"] == 1
 
 
 def test_examples_pass_server_side_dry_run(plane: ControlPlane) -> None:

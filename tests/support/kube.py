@@ -3,7 +3,7 @@
 Pytest plugin (``pytest_plugins = ["tests.support.kube"]``) with fixtures:
 
 - ``kube_api`` (session, parametrized by target): a ``KubeTarget`` with ``.url``, ``.kubeconfig``,
-  ``.register_crd(dict)``, ``.api_client()``; the product CRD is registered. Every test that uses
+  ``.register_crd(dict)``, ``.api_client()``; the product CRD (and JobSet's) is registered. Every test that uses
   it runs once per target, and its id says which: ``[emulator]`` (always), ``[real]`` (a
   throwaway etcd + kube-apiserver + kube-controller-manager started once per run from
   ``KUBEBUILDER_ASSETS``, envtest-style: see ``lora_operator.devcluster.controlplane``), or
@@ -37,6 +37,7 @@ from kubernetes.client.rest import ApiException
 
 from lora_operator.devcluster.controlplane import ControlPlane, assets_dir
 from lora_operator.emulator import RunningEmulator, serve_emulator
+from tests.support.jobset import jobset_crd
 
 __all__ = [
     "KubeTarget",
@@ -221,7 +222,8 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
 def kube_api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeTarget]:
     """A running Kubernetes API (one per target) with the product CRD registered."""
     plane = request.getfixturevalue("control_plane") if request.param == "real" else None
-    with open_cluster(tmp_path_factory.mktemp("kube"), product_crds(), plane=plane) as target:
+    # The JobSet CRD too: see tests/support/jobset.py for why at the session's start.
+    with open_cluster(tmp_path_factory.mktemp("kube"), [*product_crds(), jobset_crd()], plane=plane) as target:
         yield target
 
 

@@ -100,6 +100,9 @@ tests/integration/test_chart.py.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["create", "delete", "get", "list", "watch", "patch"]
+- apiGroups: ["jobset.x-k8s.io"]
+  resources: ["jobsets"]
+  verbs: ["create", "delete", "get"]  # spec.nodes > 1: one JobSet per attempt
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
