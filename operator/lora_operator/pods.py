@@ -174,7 +174,7 @@ def build_pod(job: Mapping[str, Any], attempt: int, settings: Settings, spec: Jo
         container["imagePullPolicy"] = spec.image_pull_policy
     if spec.checkpoint.every_steps == AUTO:  # the trainer's checkpoint interval follows the preemption rate
         container["env"].append(rate_env(job.get("status") or {}, settings.preemption_rate_per_hour,
-                                         settings.preemption_rate_prior_hours))
+                                         settings.preemption_rate_prior_hours, res.gpus * spec.nodes))
     scratch: dict[str, Any] = {"sizeLimit": res.scratch_size} if res.scratch_size else {}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # the operator decides about retries, not the kubelet

@@ -42,6 +42,22 @@ def test_spot_hours(status: dict, hours: float) -> None:
     assert spot_hours(status) == pytest.approx(hours)
 
 
+def used(spot_gpu_seconds: float, attempt: int = 2) -> dict:
+    return {"usage": {"settled": {"attempt": attempt, "spotGpuSeconds": spot_gpu_seconds, "onDemandGpuSeconds": 9e9}}}
+
+
+@pytest.mark.parametrize(
+    ("status", "gpus", "hours"),
+    [
+        ({**history(5.0, 1), **used(2 * 3600.0)}, 2, 1.0),  # accounted: 2 GPU-hours on 2 GPUs, not 5 wall hours
+        ({**history(5.0, 1), **used(2 * 3600.0)}, 0, 5.0),  # a CPU job has no GPU-seconds: wall hours
+        ({**history(5.0, 1), **used(0.0, attempt=0)}, 2, 5.0),  # nothing settled yet: wall hours
+    ],
+)
+def test_spot_hours_from_accounted_gpu_seconds(status: dict, gpus: int, hours: float) -> None:
+    assert spot_hours(status, gpus) == pytest.approx(hours)
+
+
 @pytest.mark.parametrize(
     ("status", "pool", "prior", "rate"),
     [
