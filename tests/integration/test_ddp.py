@@ -1,0 +1,88 @@
+"""`lora-train` with two training processes (gloo on CPU, tiny SD): training, SIGTERM, world size.
+
+Behaviours tested:
+- a 2-process run trains: finite losses every step, final LoRA files, every checkpoint recording
+  world size 2 and holding rank 1's RNG state;
+- SIGTERM to the launcher reaches both ranks: they stop after the same step, rank 0 commits it,
+  the launcher exits 75 with rank 0's termination message, and the resumed run's final weights and
+  losses are sha256-/bit-equal to the uninterrupted 2-process run's;
+- resuming a 2-process checkpoint with one process is refused (exit 65, both sizes named), and
+  with allow_world_size_change it trains to the end.
+
+The reference is the session's 2-process run (tests/support/ddp.py); deadlines are multiples of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from lora_trainer import contract
+from lora_trainer.checkpoint import Manifest
+from lora_trainer.errors import EXIT_DATAERR, EXIT_PREEMPTED
+from lora_trainer.storage import open_store
+from lora_trainer.train import read_losses
+from tests.e2e.chaos import KillPlan, manifests, read_result, run_attempt
+from tests.e2e.deadlines import FUNC_ONLY, set_deadline
+from tests.support.ddp import LOCAL, DdpReference, ddp_config, ddp_env
+
+pytestmark = FUNC_ONLY
+
+
+@pytest.fixture(autouse=True)
+def deadline(request: pytest.FixtureRequest, ddp_reference: DdpReference) -> float:
+    return set_deadline(request, ddp_reference.ref.deadline(2))
+
+
+def test_two_processes_train(ddp_reference: DdpReference) -> None:
+    out = ddp_reference.out
+    losses = read_losses((out / "logs/metrics.jsonl").read_text())
+    assert sorted(losses) == list(range(1, 9)) and all(math.isfinite(v) for v in losses.values())
+    assert (out / contract.FINAL_WEIGHTS).is_file() and (out / contract.FINAL_WEIGHTS_KOHYA).is_file()
+    found = manifests(open_store(str(out), LOCAL))
+    assert sorted(found) == [2, 4, 6, 8]
+    for m in found.values():
+        assert m.world_size == 2 and {"rng-rank1.safetensors", "rng-rank1.json"} <= set(m.files)
+    assert not list(out.glob("rank-*")), "only rank 0 writes the output"
+
+
+def test_sigterm_reaches_every_rank_and_resumes_exactly(ddp_reference: DdpReference, tmp_path: Path) -> None:
+    config = ddp_config(ddp_reference.model, ddp_reference.data, tmp_path / "out", tmp_path / "cache")
+    env, ref = ddp_env(), ddp_reference.ref
+    plan = KillPlan("step", signal.SIGTERM, step=3)
+    first = run_attempt(config, env, tmp_path / "a1", plan=plan, draw=lambda plan, watch: None, timeout=ref.deadline(1))
+    assert first.killed and first.code == EXIT_PREEMPTED, (first.code, first.timed_out)
+    message = json.loads((tmp_path / "a1" / "termination.json").read_text())
+    assert message["reason"] == "Preempted" and message["step"] >= 3, message
+    committed = manifests(open_store(config["output_dir"], LOCAL))
+    assert message["step"] in committed, (message, sorted(committed))  # the agreed stop step, committed
+    assert committed[message["step"]].world_size == 2
+    second = run_attempt(config, env, tmp_path / "a2", timeout=ref.deadline(1))
+    assert second.code == 0 and second.log.resumed and second.log.start_step == message["step"]
+    assert read_result(open_store(config["output_dir"], LOCAL)) == (ref.weights_sha256, ref.losses)
+
+
+def test_world_size_change_refused_unless_allowed(ddp_reference: DdpReference, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(ddp_reference.out, out)  # the 2-process run's checkpoints, from step 4 on removed
+    for name in ("step-000000006", "step-000000008"):
+        shutil.rmtree(out / "checkpoints" / name)
+    (out / contract.LATEST_FILE).unlink()
+    config = ddp_config(ddp_reference.model, ddp_reference.data, out, tmp_path / "cache")
+    one = ddp_env(1)
+    refused = run_attempt(config, one, tmp_path / "a1", timeout=ddp_reference.ref.deadline(1))
+    assert refused.code == EXIT_DATAERR, refused.code
+    message = json.loads((tmp_path / "a1" / "termination.json").read_text())
+    assert message["reason"] == "ResumeRefused"
+    assert "made by 2 training process(es), this run has 1" in message["message"], message
+    assert "allow_world_size_change" in message["message"]
+    allowed = run_attempt({**config, "allow_world_size_change": True}, one, tmp_path / "a2",
+                          timeout=ddp_reference.ref.deadline(1))
+    assert allowed.code == 0 and allowed.log.start_step == 4, (allowed.code, allowed.log.start_step)
+    m = Manifest.model_validate_json((out / "checkpoints/step-000000008/MANIFEST.json").read_text())
+    assert m.world_size == 1 and "rng-rank1.json" not in m.files
