@@ -493,7 +493,7 @@ def _llm_inputs(root: Path) -> dict:
 
 
 # Every family `make chaos` kills, by name: what builds its tiny inputs (under a folder) as config keys.
-# sd-2rank is SD trained by two gloo processes (lora_trainer.distributed; its environment in WORKLOAD_ENV).
+# sd-2rank is SD trained by two gloo processes (lora_trainer.launch; its environment in WORKLOAD_ENV).
 WORKLOADS = {"sd": _sd_inputs, "sdxl": _sdxl_inputs, "flux": _flux_inputs, "causal-lm": _llm_inputs,
              "sd-2rank": _sd_inputs}
 WORKLOAD_ENV = {"sd-2rank": {contract.ENV_NPROC_PER_NODE: "2"}}
@@ -504,7 +504,7 @@ def available_workloads() -> list[str]:
     import importlib.util
 
     modules = {"sd": "lora_trainer.tiny", "sdxl": "lora_trainer.tiny_sdxl", "flux": "lora_trainer.tiny_flux",
-               "causal-lm": "lora_trainer.tiny_llm", "sd-2rank": "lora_trainer.distributed"}
+               "causal-lm": "lora_trainer.tiny_llm", "sd-2rank": "lora_trainer.launch"}
     return [name for name in WORKLOADS if importlib.util.find_spec(modules[name]) is not None]
 
 

@@ -1,4 +1,4 @@
-"""Pure parts of several training processes (lora_trainer.distributed).
+"""Pure parts of several training processes (lora_trainer.launch, lora_trainer.distributed).
 
 Behaviours tested:
 - launch_plan: a world of one (or an existing worker) trains itself; LORA_NPROC_PER_NODE ×
@@ -9,7 +9,8 @@ Behaviours tested:
 - ShardedStream: rank r reads the r-th batch_size of each global batch of the one seeded order a
   single process reads, and every rank's position is the same after each batch;
 - check_world_size: the same size passes, another is ResumeRefused (65) naming both, unless allowed;
-- the world of one is a no-op (seeds, streams) so a single process trains as before.
+- the world of one is a no-op (seeds, streams) so a single process trains as before;
+- spec.training.allowWorldSizeChange maps to the trainer's allow_world_size_change.
 """
 
 from __future__ import annotations
@@ -20,15 +21,9 @@ import pytest
 
 from lora_trainer import contract
 from lora_trainer.data import Position
-from lora_trainer.distributed import (
-    SINGLE,
-    LaunchPlan,
-    ShardedStream,
-    check_world_size,
-    launch_plan,
-    most_telling_exit,
-)
+from lora_trainer.distributed import SINGLE, ShardedStream, check_world_size
 from lora_trainer.errors import ConfigError, ResumeRefused
+from lora_trainer.launch import LaunchPlan, launch_plan, most_telling_exit
 
 NPROC, NNODES, RANK, ADDR, PORT = (contract.ENV_NPROC_PER_NODE, contract.ENV_NNODES, contract.ENV_NODE_RANK,
                                    contract.ENV_MASTER_ADDR, contract.ENV_MASTER_PORT)
@@ -123,3 +118,12 @@ def test_world_size_rule() -> None:
         check_world_size(10, 2, 4, allow=False)
     assert err.value.exit_code == 65 and "allow_world_size_change" in err.value.message
     check_world_size(10, 2, 4, allow=True)  # allowed: a warning, no error
+
+
+def test_crd_opt_in_reaches_the_trainer_config() -> None:
+    from lora_operator.spec import parse_spec, to_train_config
+    from tests.unit.test_spec import MINIMAL_SPEC
+
+    assert not to_train_config(parse_spec(MINIMAL_SPEC)).allow_world_size_change
+    spec = {**MINIMAL_SPEC, "training": {**MINIMAL_SPEC.get("training", {}), "allowWorldSizeChange": True}}
+    assert to_train_config(parse_spec(spec)).allow_world_size_change
