@@ -2,7 +2,7 @@
 
 Behaviours tested:
 - a 2-process run trains: finite losses every step, final LoRA files, every checkpoint recording
-  world size 2 and holding rank 1's RNG state;
+  world size 2 and holding rank 1's RNG state, the ranks' weights equal at every checkpoint;
 - SIGTERM to the launcher reaches both ranks: they stop after the same step, rank 0 commits it,
   the launcher exits 75 with rank 0's termination message, and the resumed run's final weights and
   losses are sha256-/bit-equal to the uninterrupted 2-process run's;
@@ -49,6 +49,8 @@ def test_two_processes_train(ddp_reference: DdpReference) -> None:
     for m in found.values():
         assert m.world_size == 2 and {"rng-rank1.safetensors", "rng-rank1.json"} <= set(m.files)
     assert not list(out.glob("rank-*")), "only rank 0 writes the output"
+    log = (out.parent / "trainer.log").read_text()
+    assert "drifted from rank 0" not in log and "rank 1 of 2 (local rank 1) joined" not in log  # rank 1 logs no info
 
 
 def test_sigterm_reaches_every_rank_and_resumes_exactly(ddp_reference: DdpReference, tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_trainer import contract
-from lora_trainer.errors import ConfigError, ResumeRefused, TrainerError
+from lora_trainer.errors import ConfigError, ResumeRefused
 from lora_trainer.storage import NotFound, ObjectInfo, Store
 
 log = logging.getLogger(__name__)
@@ -193,18 +193,24 @@ def weights_digest(params: Sequence[Any]) -> str:
 
 
 def gather_rank_states(world: World, step: int, params: Sequence[Any]) -> dict[int, Any] | None:
-    """On rank 0, the RNG states of ranks > 0 for its checkpoint of `step` (None elsewhere, or alone),
-    once every rank is seen to hold rank 0's weights; a TrainerError if one does not (a bug)."""
+    """On rank 0, the RNG states of ranks > 0 for its checkpoint of `step` (None elsewhere, or alone).
+
+    Every rank's weights are compared with rank 0's on the way: equal by construction (the same
+    averaged gradients and the same optimizer step); should a kernel make them drift, the drift is
+    logged and rank 0's weights are given to every rank (what its checkpoint holds)."""
     if world.size == 1:
         return None
     from lora_trainer import state
 
     got = world.gather({"rng": state.rng_to_data(state.rng_state()), "weights": weights_digest(params)})
+    diverged = [rank for rank, g in enumerate(got or []) if g["weights"] != got[0]["weights"]]
+    if world.broadcast_int(len(diverged)):
+        if world.is_main:
+            log.warning("step %d: the LoRA weights of rank(s) %s drifted from rank 0's; giving every rank rank 0's",
+                        step, diverged)
+        world.broadcast_params(params)
     if got is None:
         return None
-    if diverged := [rank for rank, g in enumerate(got) if g["weights"] != got[0]["weights"]]:
-        raise TrainerError(f"step {step}: the LoRA weights of rank(s) {diverged} differ from rank 0's; the training "
-                           "processes diverged (a bug: please report it), so no checkpoint is written")
     return {rank: state.rng_from_data(g["rng"]) for rank, g in enumerate(got) if rank > 0}
 
 
