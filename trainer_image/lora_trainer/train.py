@@ -407,6 +407,9 @@ class Trainer:
                     return found, ts
             log.warning("checkpoint step %d is not usable: %s; trying the previous one", found.step, why)
             problems.append(f"step {found.step}: {why}")
+        if only is not None:  # never train on from another step than rank 0
+            raise ResumeRefused(f"checkpoint step {only}, which rank 0 resumes from, is not usable on rank "
+                                f"{self.world.rank} ({'; '.join(problems) or 'not found'})")
         if problems:
             raise ResumeRefused(checkpoint.refusal(self.store, problems))
         return None
