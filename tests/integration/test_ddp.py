@@ -7,7 +7,9 @@ Behaviours tested:
   the launcher exits 75 with rank 0's termination message, and the resumed run's final weights and
   losses are sha256-/bit-equal to the uninterrupted 2-process run's;
 - resuming a 2-process checkpoint with one process is refused (exit 65, both sizes named), and
-  with allow_world_size_change it trains to the end.
+  with allow_world_size_change it trains to the end;
+- the same loop serves causal-lm: a packed text run of 2 processes stopped by SIGTERM resumes to
+  final adapter weights and losses equal to its uninterrupted 2-process run's.
 
 The reference is the session's 2-process run (tests/support/ddp.py); deadlines are multiples of it.
 """
@@ -26,8 +28,9 @@ from lora_trainer import contract
 from lora_trainer.checkpoint import Manifest
 from lora_trainer.errors import EXIT_DATAERR, EXIT_PREEMPTED
 from lora_trainer.storage import open_store
+from lora_trainer.tiny_llm import build_tiny_llm, write_tiny_jsonl
 from lora_trainer.train import read_losses
-from tests.e2e.chaos import KillPlan, manifests, read_result, run_attempt
+from tests.e2e.chaos import KillPlan, manifests, read_result, reference_run, run_attempt
 from tests.e2e.deadlines import FUNC_ONLY, set_deadline
 from tests.support.ddp import LOCAL, DdpReference, ddp_config, ddp_env
 
@@ -88,3 +91,26 @@ def test_world_size_change_refused_unless_allowed(ddp_reference: DdpReference, t
     assert allowed.code == 0 and allowed.log.start_step == 4, (allowed.code, allowed.log.start_step)
     m = Manifest.model_validate_json((out / "checkpoints/step-000000008/MANIFEST.json").read_text())
     assert m.world_size == 1 and "rng-rank1.json" not in m.files
+
+
+def test_causal_lm_two_processes_resume_exactly(tmp_path: Path) -> None:
+    model, data = build_tiny_llm(tmp_path / "model"), write_tiny_jsonl(tmp_path / "train.jsonl", "messages", 48, seed=1)
+
+    def config(out: Path) -> dict:
+        return {"task": "causal-lm", "base_model": str(model), "train_file": str(data), "output_dir": str(out),
+                "max_seq_length": 64, "packing": True, "lora_rank": 4, "batch_size": 2, "max_train_steps": 8,
+                "learning_rate": 1e-3, "save_steps": 3, "keep_last": 0, "seed": 5, "log_every": 1,
+                "cache_dir": str(tmp_path / "cache"), "preemption_grace_seconds": 20}
+
+    env = ddp_env()
+    ref = reference_run(config(tmp_path / "ref"), env, tmp_path / "ref-run", LOCAL)
+    out = tmp_path / "out"
+    first = run_attempt(config(out), env, tmp_path / "a1", plan=KillPlan("step", signal.SIGTERM, step=4),
+                        draw=lambda plan, watch: None, timeout=ref.deadline(1))
+    assert first.killed and first.code == EXIT_PREEMPTED, (first.code, first.timed_out)
+    second = run_attempt(config(out), env, tmp_path / "a2", timeout=ref.deadline(1))
+    assert second.code == 0 and second.log.resumed and second.log.start_step >= 4
+    store = open_store(str(out), LOCAL)
+    assert store.exists("adapter_model.safetensors")
+    assert read_result(store) == (ref.weights_sha256, ref.losses)
+    assert {m.world_size for m in manifests(store).values()} == {2}
