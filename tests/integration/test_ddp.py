@@ -8,6 +8,8 @@ Behaviours tested:
   losses are sha256-/bit-equal to the uninterrupted 2-process run's;
 - resuming a 2-process checkpoint with one process is refused (exit 65, both sizes named), and
   with allow_world_size_change it trains to the end;
+- a bad input with 2 processes: the launcher exits with the documented code of the rank that knew
+  why (65, its one-line message), not the other rank's collective error (1) or death;
 - the same loop serves causal-lm: a packed text run of 2 processes stopped by SIGTERM resumes to
   final adapter weights and losses equal to its uninterrupted 2-process run's.
 
@@ -91,6 +93,16 @@ def test_world_size_change_refused_unless_allowed(ddp_reference: DdpReference, t
     assert allowed.code == 0 and allowed.log.start_step == 4, (allowed.code, allowed.log.start_step)
     m = Manifest.model_validate_json((out / "checkpoints/step-000000008/MANIFEST.json").read_text())
     assert m.world_size == 1 and "rng-rank1.json" not in m.files
+
+
+def test_bad_input_exits_with_the_telling_rank_code(ddp_reference: DdpReference, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    config = ddp_config(ddp_reference.model, tmp_path / "empty", tmp_path / "out", tmp_path / "cache")
+    a = run_attempt(config, ddp_env(), tmp_path / "a1", timeout=ddp_reference.ref.deadline(1))
+    assert a.code == EXIT_DATAERR, a.code
+    message = json.loads((tmp_path / "a1" / "termination.json").read_text())
+    assert message["reason"] == "InvalidDataset" and "no usable captioned images" in message["message"]
+    assert "exits by rank {0: 65, 1: " in (tmp_path / "a1" / "trainer.log").read_text()  # 1: its error, or killed
 
 
 def test_causal_lm_two_processes_resume_exactly(tmp_path: Path) -> None:
