@@ -8,6 +8,7 @@ Behaviours tested:
   a signal beats 0; a stopped launcher counts killed workers as preempted;
 - ShardedStream: rank r reads the r-th batch_size of each global batch of the one seeded order a
   single process reads, and every rank's position is the same after each batch;
+- every real stream's advance() moves its position exactly as reading the batch does;
 - check_world_size: the same size passes, another is ResumeRefused (65) naming both, unless allowed;
 - the world of one is a no-op (seeds, streams) so a single process trains as before;
 - spec.training.allowWorldSizeChange maps to the trainer's allow_world_size_change.
@@ -127,3 +128,28 @@ def test_crd_opt_in_reaches_the_trainer_config() -> None:
     assert not to_train_config(parse_spec(MINIMAL_SPEC)).allow_world_size_change
     spec = {**MINIMAL_SPEC, "training": {**MINIMAL_SPEC.get("training", {}), "allowWorldSizeChange": True}}
     assert to_train_config(parse_spec(spec)).allow_world_size_change
+
+
+def real_streams(tmp_path) -> list:
+    """The three real streams (square images, buckets, text), each over 7 samples."""
+    from PIL import Image
+
+    from lora_trainer.buckets import BucketStream, bucket_resolutions
+    from lora_trainer.data import BatchStream, Sample
+    from lora_trainer.textdata import Example, TextStream
+
+    samples = []
+    for i, (w, h) in enumerate([(64, 32), (32, 64), (48, 48), (80, 40), (40, 80), (64, 64), (96, 30)]):
+        Image.new("RGB", (w, h), (i * 30, 90, 90)).save(tmp_path / f"{i}.png")
+        samples.append(Sample(tmp_path / f"{i}.png", f"image {i}"))
+    return [BatchStream(samples, 32, True, False, seed=3),
+            BucketStream(samples, bucket_resolutions(32, 16, 64, 16), 2, True, False, seed=3),
+            TextStream([Example((i, i + 1), (i, i + 1)) for i in range(7)], pad_id=0, seed=3)]
+
+
+def test_advance_moves_each_real_stream_as_reading_does(tmp_path) -> None:
+    for read, skipped in zip(real_streams(tmp_path), real_streams(tmp_path), strict=True):
+        for _ in range(9):  # past an epoch's end
+            read.next_samples(2)
+            skipped.advance(2)
+            assert skipped.position == read.position, type(read).__name__
