@@ -4,4 +4,4 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-pytest_plugins = ["tests.support.s3", "tests.support.kube", "tests.support.tiny"]
+pytest_plugins = ["tests.support.s3", "tests.support.kube", "tests.support.tiny", "tests.support.ddp"]

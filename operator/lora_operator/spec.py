@@ -282,6 +282,10 @@ class TrainingSpec(_Spec):
     eval_steps: TrainSteps | None = Field(
         None, description="causal-lm: compute the eval loss every N steps (needs dataset.evalUri or evalFraction)."
     )
+    allow_world_size_change: bool = Field(
+        False, description="Resume a checkpoint made by a different number of training processes (resources.gpus "
+        "x nodes): correct, but not bitwise equal to an uninterrupted run. Off: such a resume fails the job (exit 65).",
+    )
 
 
 class CheckpointSpec(_Spec):
@@ -673,6 +677,7 @@ CONFIG_PATHS: dict[str, str] = {
     "gradient_checkpointing": "spec.training.gradientCheckpointing",
     "quantize_base": "spec.training.quantizeBase",
     "determinism": "spec.training.determinism",
+    "allow_world_size_change": "spec.training.allowWorldSizeChange",
     "optimizer": "spec.training.optimizer",
     "enable_bucket": "spec.training.buckets.enabled",
     "min_bucket_reso": "spec.training.buckets.minResolution",
@@ -770,6 +775,7 @@ def train_config_data(spec: JobSpec) -> dict[str, Any]:
         "determinism": t.determinism,
         "optimizer": t.optimizer,
         "seed": t.seed,
+        "allow_world_size_change": t.allow_world_size_change,
         "save_steps": spec.checkpoint.every_steps,
         "keep_last": spec.checkpoint.keep_last,
         # The bounds only with auto: the trainer refuses a changed bound beside a fixed interval.

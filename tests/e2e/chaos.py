@@ -48,6 +48,7 @@ KILL_SIGNALS = (signal.SIGKILL, signal.SIGTERM)
 # states, which libraries also draw from (botocore's retry jitter), so they depend on I/O; training
 # draws only from seeded generators, which equal weights, optimizer moments and losses prove.
 IGNORED_FILES = {"trainer_state.json", "rng.json"}
+IGNORED_RANK_RNG = re.compile(r"rng-rank\d+\.json")  # the same for ranks > 0 of a several-process run
 PHASES = ("start-up", "step", "save", "upload", "export")
 # Deadlines are multiples of the reference run's wall time, measured in the same session.
 ATTEMPT_FACTOR = 4.0  # one attempt (killed or not) may take this many reference runs
@@ -279,7 +280,8 @@ def manifests(store: Store) -> dict[int, Manifest]:
 
 def digests(m: Manifest) -> dict[str, str]:
     """File digests of a checkpoint that must be identical between runs."""
-    return {name: d.sha256 for name, d in m.files.items() if name not in IGNORED_FILES}
+    return {name: d.sha256 for name, d in m.files.items()
+            if name not in IGNORED_FILES and not IGNORED_RANK_RNG.fullmatch(name)}
 
 
 @dataclass
@@ -491,7 +493,10 @@ def _llm_inputs(root: Path) -> dict:
 
 
 # Every family `make chaos` kills, by name: what builds its tiny inputs (under a folder) as config keys.
-WORKLOADS = {"sd": _sd_inputs, "sdxl": _sdxl_inputs, "flux": _flux_inputs, "causal-lm": _llm_inputs}
+# sd-2rank is SD trained by two gloo processes (lora_trainer.launch; its environment in WORKLOAD_ENV).
+WORKLOADS = {"sd": _sd_inputs, "sdxl": _sdxl_inputs, "flux": _flux_inputs, "causal-lm": _llm_inputs,
+             "sd-2rank": _sd_inputs}
+WORKLOAD_ENV = {"sd-2rank": {contract.ENV_NPROC_PER_NODE: "2"}}
 
 
 def available_workloads() -> list[str]:
@@ -499,7 +504,7 @@ def available_workloads() -> list[str]:
     import importlib.util
 
     modules = {"sd": "lora_trainer.tiny", "sdxl": "lora_trainer.tiny_sdxl", "flux": "lora_trainer.tiny_flux",
-               "causal-lm": "lora_trainer.tiny_llm"}
+               "causal-lm": "lora_trainer.tiny_llm", "sd-2rank": "lora_trainer.launch"}
     return [name for name in WORKLOADS if importlib.util.find_spec(modules[name]) is not None]
 
 
@@ -549,11 +554,14 @@ def main(argv: list[str] | None = None) -> int:
         def config_for(name: str, inputs: dict, output: str) -> dict:
             return chaos_config("", "", f"s3://chaos/{output}", s3, root / "cache" / name, inputs)
 
+        def env_for(name: str) -> dict[str, str]:
+            return {**env, **WORKLOAD_ENV.get(name, {})}
+
         with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
             # One after another: transformers' and diffusers' lazy imports are not safe across threads.
             inputs = {n: WORKLOADS[n](root / "inputs" / n) for n in names}
             refs = dict(zip(names, pool.map(
-                lambda n: reference_run(config_for(n, inputs[n], f"ref-{n}"), env, root / f"ref-{n}", s3), names),
+                lambda n: reference_run(config_for(n, inputs[n], f"ref-{n}"), env_for(n), root / f"ref-{n}", s3), names),
                 strict=True))
             for name, ref in refs.items():
                 print(f"reference {name}: {ref.seconds:.1f}s (start-up {ref.startup:.1f}s, {ref.step:.2f}s/step, "
@@ -567,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                     name = names[(run - 1) % len(names)]
                     kills = min(args.kills_per_run, args.kills - total.kills - planned)
                     # One generator per run, from the seed and the run's number: runs side by side stay reproducible.
-                    future = pool.submit(chaos_run, config_for(name, inputs[name], f"run-{run}"), env,
+                    future = pool.submit(chaos_run, config_for(name, inputs[name], f"run-{run}"), env_for(name),
                                          root / f"run-{run}", s3, refs[name], kills, random.Random(f"{args.seed}-{run}"))
                     running[future] = (run, name, kills)
                     planned += kills

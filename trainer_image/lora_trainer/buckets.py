@@ -141,6 +141,13 @@ class BucketStream:
         self.position = Position(epoch, index + 1)
         return ImageBatch(torch.stack(images), captions, sizes, crops)
 
+    def advance(self, batch_size: int) -> None:
+        """Move past the next batch without loading it (another rank's share)."""
+        epoch, index = self.position.epoch, self.position.index
+        if index >= len(self._batches_for(epoch)):
+            epoch, index = epoch + 1, 0
+        self.position = Position(epoch, index + 1)
+
 
 def image_size(path: Path) -> Size:
     """(width, height) from the image header."""

@@ -162,6 +162,7 @@ class Manifest(BaseModel):
     attempt: int = Field(ge=0)
     config_hash: str
     training_fields: dict[str, Any] = Field(default_factory=dict)
+    world_size: int = Field(1, ge=1)  # training processes that made it (lora_trainer.distributed)
     created: str = Field(default_factory=utcnow)
     files: dict[str, FileDigest]
 
@@ -196,7 +197,7 @@ def _local_files(local_dir: Path) -> list[str]:
 
 
 def write_manifest(
-    local_dir: Path, step: int, attempt: int, config_hash: str, training_fields: dict[str, Any]
+    local_dir: Path, step: int, attempt: int, config_hash: str, training_fields: dict[str, Any], world_size: int = 1
 ) -> Manifest:
     """Hash every file under `local_dir` and write its MANIFEST.json there."""
     files = {
@@ -206,7 +207,8 @@ def write_manifest(
     if not files:
         raise ValueError(f"{local_dir}: no files to checkpoint for step {step}")
     manifest = Manifest(
-        step=step, attempt=attempt, config_hash=config_hash, training_fields=training_fields, files=files
+        step=step, attempt=attempt, config_hash=config_hash, training_fields=training_fields, files=files,
+        world_size=world_size,
     )
     tmp = local_dir / f".{MANIFEST_FILE}.tmp"
     tmp.write_bytes(manifest.to_json())
@@ -346,6 +348,7 @@ def commit(
     config_hash: str,
     training_fields: dict[str, Any],
     keep_last: int,
+    world_size: int = 1,
 ) -> LatestPointer:
     """Upload `local_dir` as checkpoint `step`: files, MANIFEST, latest.json, then prune. Idempotent."""
     started = time.monotonic()
@@ -353,7 +356,7 @@ def commit(
     names = _local_files(local_dir)
     # Hashing is local, so it starts at once and overlaps the fencing check and the upload.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit-hash") as pool:
-        hashing = pool.submit(write_manifest, local_dir, step, attempt, config_hash, training_fields)
+        hashing = pool.submit(write_manifest, local_dir, step, attempt, config_hash, training_fields, world_size)
         try:
             # Checked before any upload too: a stale pod must not overwrite files of a folder a
             # newer attempt already committed under the same step number.

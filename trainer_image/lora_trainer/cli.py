@@ -5,6 +5,8 @@
 
 Exit codes are the operator contract (see `lora_trainer.errors`): 0 done, 75 preempted,
 64-78 bad input (not retried), anything else a failure. User mistakes print one line, no traceback.
+With LORA_NPROC_PER_NODE × LORA_NNODES > 1 this process starts the training processes and exits
+with the most telling of their codes (`lora_trainer.launch`).
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.allow_config_change:
         overrides["allow_config_change"] = True
     config = resolve_config(args.config, overrides)
+    from lora_trainer import launch
+
+    if plan := launch.launch_plan(os.environ):  # several processes: this one starts and watches them
+        return launch.launch(plan, args.argv, config.preemption_grace_seconds, stop)
     from lora_trainer.train import Trainer  # torch import is slow; config errors come first
 
     config_dir = Path(args.config).parent if args.config else None
@@ -120,6 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `lora-train`; returns the process exit code."""
     _setup_logging()
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what the workers of a launch run with
+    from lora_trainer.launch import worker_exit, worker_setup
+
+    worker_setup()  # a no-op unless this process is one of several (lora_trainer.distributed)
+    return worker_exit(_dispatch(args))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return cmd_label(args) if args.command == "label" else cmd_train(args)
     except TrainerError as exc:

@@ -338,6 +338,10 @@ class TrainConfig(_Model):
     allow_config_change: bool = Field(
         False, description="Resume even if training-defining fields changed since the checkpoint (dangerous)."
     )
+    allow_world_size_change: bool = Field(
+        False, description="Resume a checkpoint made by a different number of training processes (GPUs x nodes): "
+        "correct, but not bitwise equal to an uninterrupted run. Off: such a resume is refused (exit 65).",
+    )
 
     @field_validator("base_model", "base_model_config", "train_data_dir", "train_file", "eval_file", "output_dir")
     @classmethod

@@ -267,6 +267,15 @@ class Position:
     epoch: int = 0
     index: int = 0
 
+    def advanced(self, samples: int, size: int) -> Position:
+        """The position `samples` samples on, in epochs of `size` (as a stream reading them moves)."""
+        epoch, index = self.epoch, self.index
+        for _ in range(samples):
+            if index >= size:
+                epoch, index = epoch + 1, 0
+            index += 1
+        return Position(epoch, index)
+
 
 class BatchStream:
     """Serves micro-batches in a fixed order that continues across epochs and resumes exactly."""
@@ -304,6 +313,10 @@ class BatchStream:
             index += 1
         self.position = Position(epoch, index)
         return ImageBatch(torch.stack(images), captions, sizes, crops)
+
+    def advance(self, batch_size: int) -> None:
+        """Move past the next `batch_size` samples without loading them (another rank's share)."""
+        self.position = self.position.advanced(batch_size, len(self.samples))
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, list[str]]:
         """The next `batch_size` images (stacked) and captions; advances the position."""

@@ -16,6 +16,9 @@
         │                                 loads), or they were made with a config that changes training
         └── StaleAttempt         exit 73  a newer attempt owns the output (fencing, EX_CANTCREAT)
 
+With several training processes the launcher exits with the most telling of its workers' codes,
+in this order: 64-78 but 75, any other failure, 75, a signal (128 + it), 0 (lora_trainer.launch).
+
 Every error carries a `reason` (CamelCase, goes to the termination message and the job status)
 and a one-line message that names the field or file, the value, and the fix.
 """

@@ -18,18 +18,23 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.requested_at: float | None = None
+        self._unannounced: str | None = None
 
     @property
     def requested(self) -> bool:
-        """Whether a stop was asked for."""
+        """Whether a stop was asked for (the first look logs it)."""
+        if self._unannounced is not None:
+            log.warning("%s received: finishing the current step, then checkpointing", self._unannounced)
+            self._unannounced = None
         return self.requested_at is not None
 
     def request(self, signum: int | None = None) -> None:
         """Ask the loop to stop after the current optimizer step."""
         if self.requested_at is None:
             self.requested_at = time.monotonic()
-            name = signal.Signals(signum).name if signum else "request"
-            log.warning("%s received: finishing the current step, then checkpointing", name)
+            # Logged by the next look, not here: a handler that logs while the interrupted code is
+            # writing a log line hits a reentrant write on stderr.
+            self._unannounced = signal.Signals(signum).name if signum else "request"
 
     def remaining(self, budget: float) -> float:
         """Seconds left of `budget` counted from the stop request (never negative)."""

@@ -8,6 +8,7 @@ The folder is what `checkpoint.commit` uploads under `checkpoints/step-<9 digits
     optimizer.safetensors + optimizer.json                    AdamW moments and param groups
     scheduler.json, scaler.json                               LR scheduler and grad-scaler state
     rng.safetensors + rng.json                                torch CPU/CUDA, Python and NumPy RNG states
+    rng-rank<r>.safetensors + .json                           the same for rank r of several processes
     trainer_state.json                                        step, data position, attempt, config hash,
                                                               determinism mode, device type, library versions
 """
@@ -121,33 +122,66 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_rng(folder: Path) -> None:
-    """Python, NumPy, torch CPU and CUDA RNG states."""
+RngState = tuple[dict[str, torch.Tensor], dict[str, Any]]  # tensors (torch CPU/CUDA), JSON (Python, NumPy)
+
+
+def rng_state() -> RngState:
+    """This process's Python, NumPy, torch CPU and CUDA RNG states."""
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda_{i}"] = s
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    save_file(_contiguous(tensors), str(folder / RNG_TENSORS))
-    _write_json(
-        folder / RNG_META,
-        {
-            "python": [py_version, list(py_state), py_gauss],
-            "numpy": [np_name, np_keys.tolist(), np_pos, np_has_gauss, np_gauss],
-        },
-    )
+    meta = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, np_keys.tolist(), np_pos, np_has_gauss, np_gauss],
+    }
+    return tensors, meta
 
 
-def load_rng(folder: Path) -> None:
-    """Restore the RNG states saved by `save_rng`."""
-    tensors = load_file(str(folder / RNG_TENSORS))
+def rng_to_data(rng: RngState) -> dict[str, Any]:
+    """An RNG state as plain data (to send it to rank 0)."""
+    tensors, meta = rng
+    return {"tensors": {k: v.tolist() for k, v in tensors.items()}, "meta": meta}
+
+
+def rng_from_data(data: dict[str, Any]) -> RngState:
+    """The inverse of rng_to_data."""
+    return {k: torch.tensor(v, dtype=torch.uint8) for k, v in data["tensors"].items()}, data["meta"]
+
+
+def rng_files(rank: int) -> tuple[str, str]:
+    """Rank 0's RNG files are rng.safetensors + rng.json; rank r's rng-rank<r>.*."""
+    stem = "rng" if rank == 0 else f"rng-rank{rank}"
+    return f"{stem}.safetensors", f"{stem}.json"
+
+
+def write_rng(folder: Path, rng: RngState, rank: int = 0) -> None:
+    """One rank's RNG state into `folder`."""
+    tensors_file, meta_file = rng_files(rank)
+    save_file(_contiguous(rng[0]), str(folder / tensors_file))
+    _write_json(folder / meta_file, rng[1])
+
+
+def save_rng(folder: Path) -> None:
+    """Python, NumPy, torch CPU and CUDA RNG states."""
+    write_rng(folder, rng_state())
+
+
+def load_rng(folder: Path, rank: int = 0) -> None:
+    """Restore the RNG states saved for `rank` (rank 0's when the checkpoint has none for it:
+    it was made by fewer processes)."""
+    if not (folder / rng_files(rank)[0]).is_file():
+        rank = 0
+    tensors_file, meta_file = rng_files(rank)
+    tensors = load_file(str(folder / tensors_file))
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available():
         cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
-    meta = _read_json(folder / RNG_META)
+    meta = _read_json(folder / meta_file)
     py_version, py_state, py_gauss = meta["python"]
     random.setstate((py_version, tuple(py_state), py_gauss))
     name, keys, pos, has_gauss, gauss = meta["numpy"]
@@ -166,9 +200,10 @@ def save_state(
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     scaler: torch.amp.GradScaler | None,
+    other_ranks: dict[int, RngState] | None = None,
 ) -> Path:
     """Write every piece of resumable state into `folder` (created fresh); `modules` are the
-    family's trained modules by name (Family.trainable)."""
+    family's trained modules by name (Family.trainable); `other_ranks` the RNG states of ranks > 0."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, module in modules.items():
         save_weights(module, folder / weights_file(name))
@@ -176,6 +211,8 @@ def save_state(
     _write_json(folder / SCHEDULER_STATE, lr_scheduler.state_dict())
     _write_json(folder / SCALER_STATE, scaler.state_dict() if scaler is not None else {})
     save_rng(folder)
+    for rank, rng in sorted((other_ranks or {}).items()):
+        write_rng(folder, rng, rank)
     _write_json(folder / TRAINER_STATE, state.model_dump())
     return folder
 
@@ -186,13 +223,14 @@ def load_state(
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     scaler: torch.amp.GradScaler | None,
+    rank: int = 0,
 ) -> TrainerState:
-    """Restore what `save_state` wrote; returns the trainer state (step, data position).
+    """Restore what `save_state` wrote (the RNG states of `rank`); returns the trainer state (step, data position).
 
     Any failure (a missing or malformed file, shapes that do not fit) raises StateInvalid with a
     one-line reason; the state is then partly loaded, and the caller loads another one over it."""
     try:
-        return _load_state(folder, modules, optimizer, lr_scheduler, scaler)
+        return _load_state(folder, modules, optimizer, lr_scheduler, scaler, rank)
     except ResumeRefused as exc:
         raise StateInvalid(exc.message) from exc
     except Exception as exc:  # corrupt content that matched its manifest: safetensors, JSON, torch errors
@@ -205,6 +243,7 @@ def _load_state(
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     scaler: torch.amp.GradScaler | None,
+    rank: int = 0,
 ) -> TrainerState:
     trainer_state = TrainerState.model_validate(_read_json(folder / TRAINER_STATE))  # cheapest check first
     for name, module in modules.items():
@@ -216,5 +255,5 @@ def _load_state(
     scaler_state = _read_json(folder / SCALER_STATE)
     if scaler is not None and scaler_state:
         scaler.load_state_dict(scaler_state)
-    load_rng(folder)
+    load_rng(folder, rank)
     return trainer_state

@@ -18,6 +18,7 @@ from diffusers.optimization import get_scheduler
 from lora_trainer.cache import EncodeCache
 from lora_trainer.config import TrainConfig
 from lora_trainer.data import BatchStream, ImageBatch, derive_seed
+from lora_trainer.distributed import SINGLE, World
 from lora_trainer.errors import ConfigError
 from lora_trainer.tasks import Family, Parts
 
@@ -32,11 +33,12 @@ class StepResult:
     tokens: int = 0  # tokens the step trained on (text batches; 0 for images)
 
 
-def total_steps(config: TrainConfig, n_samples: int) -> int:
-    """Optimizer steps for the run: max_train_steps, or epochs over the dataset."""
+def total_steps(config: TrainConfig, n_samples: int, world_size: int = 1) -> int:
+    """Optimizer steps for the run: max_train_steps, or epochs over the dataset (a step reads
+    batch_size × gradient_accumulation_steps × world_size samples)."""
     if config.max_train_steps is not None:
         return config.max_train_steps
-    per_step = config.batch_size * config.gradient_accumulation_steps
+    per_step = config.batch_size * config.gradient_accumulation_steps * world_size
     return max(1, math.ceil((config.epochs or 1) * n_samples / per_step))
 
 
@@ -105,18 +107,23 @@ def train_step(
     scaler: torch.amp.GradScaler | None,
     step: int,
     cache: EncodeCache | None = None,
+    world: World = SINGLE,
 ) -> StepResult:
-    """Run one optimizer step (all its micro-batches) and return its loss, grad norm and LR."""
+    """Run one optimizer step (all its micro-batches) and return its loss, grad norm and LR.
+
+    Among several processes (`world`) each draws from (seed, step, micro-step, rank), the gradients
+    are averaged over the ranks before clipping, and the loss and tokens reported are the world's."""
     accum = config.gradient_accumulation_steps
     total = 0.0
     tokens = 0
     for micro in range(accum):
         batch = stream.next_samples(config.batch_size)
         tokens += batch.num_tokens
-        loss = micro_step_loss(family, parts, config, batch, derive_seed(config.seed, step, micro), cache)
+        loss = micro_step_loss(family, parts, config, batch, derive_seed(*world.step_seed(config.seed, step, micro)), cache)
         scaled = loss / accum
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.item()
+    world.sync_gradients(params)
     if scaler is not None:
         scaler.unscale_(optimizer)
     max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
@@ -129,7 +136,8 @@ def train_step(
         optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=total / accum, grad_norm=float(grad_norm), lr=float(lr), tokens=tokens)
+    loss, tokens = world.mean(total / accum, tokens)
+    return StepResult(loss=loss, grad_norm=float(grad_norm), lr=float(lr), tokens=tokens)
 
 
 EVAL_SEED = 0xE7A1

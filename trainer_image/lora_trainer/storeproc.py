@@ -152,9 +152,9 @@ def open_upload_store(uri: str, s3: S3Config) -> Store:
 
 
 def commit_checkpoint(store: Store, local_dir: Path, step: int, attempt: int, config_hash: str,
-                      training_fields: dict[str, Any], keep_last: int) -> LatestPointer:
+                      training_fields: dict[str, Any], keep_last: int, world_size: int = 1) -> LatestPointer:
     """`checkpoint.commit`, in the child process when `store` is served by one."""
-    args = (local_dir, step, attempt, config_hash, training_fields, keep_last)
+    args = (local_dir, step, attempt, config_hash, training_fields, keep_last, world_size)
     if isinstance(store, StoreProcess):
         return store.commit(*args)
     return checkpoint.commit(store, *args)

@@ -286,6 +286,10 @@ class TextStream:
             self._order_epoch = epoch
         return self._order
 
+    def advance(self, batch_size: int) -> None:
+        """Move past the next `batch_size` examples without reading them (another rank's share)."""
+        self.position = self.position.advanced(batch_size, len(self.examples))
+
     def next_samples(self, batch_size: int) -> TextBatch:
         """The next `batch_size` examples, padded; advances the position."""
         picked = []

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lora_trainer import checkpoint, contract, determinism, gpustats, interval, state
+from lora_trainer import checkpoint, contract, determinism, distributed, gpustats, interval, state
 from lora_trainer.architectures import read_lm_config
 from lora_trainer.cache import EncodeCache, cache_kinds
 from lora_trainer.config import (
@@ -65,7 +65,7 @@ from lora_trainer.tasks import (
     with_family_defaults,
 )
 from lora_trainer.tblog import RunLogs
-from lora_trainer.uploader import BackgroundUploader, retry_storage
+from lora_trainer.uploader import BackgroundUploader, Job, retry_storage
 from lora_trainer.workdir import prepare_work_dir
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,7 @@ class Trainer:
         self.fields = training_fields(config)
         self.cache: EncodeCache | None = None  # set when the run caches model inputs
         self.init_sha: str | None = None  # sha256 of the init_lora file, once fetched
+        self.world = distributed.SINGLE  # joined at the start of the run (several processes: distributed.py)
 
     def _retrying(self, label: str, fn):
         """Start-up storage calls ride out a flaky store like background uploads do."""
@@ -219,7 +220,7 @@ class Trainer:
         params = family.add_lora(parts, c)
         if init is not None:
             self._load_init_lora(family, parts, init)
-        return family, parts, params, data, total_steps(c, data.size)
+        return family, parts, params, data, total_steps(c, data.size, self.world.size)
 
     def _fetch_init_lora(self, cache: Path) -> Path:
         """The init_lora file in the local cache; its sha256 joins the training fields (set in _model_dir)."""
@@ -239,7 +240,8 @@ class Trainer:
         # Background uploads go through their own store (for S3, a child process: see storeproc);
         # started first so its start-up overlaps loading the model.
         self._check_places()  # before anything is created, deleted or started
-        uploads = open_upload_store(self.config.output_dir, self.s3)
+        uploads = (open_upload_store(self.config.output_dir, self.s3) if distributed.is_main_process()
+                   else distributed.DiscardStore(self.config.output_dir))  # rank 0 alone writes the output
         try:
             return self._run(uploads)
         finally:
@@ -248,21 +250,29 @@ class Trainer:
 
     def _run(self, uploads: Store) -> RunResult:
         c = self.config
-        # Stale scratch from a killed attempt is never trusted; a folder that is not ours is refused.
-        prepare_work_dir(self.scratch, "work_dir" if c.work_dir else "cache_dir")
         optimizer_class(c)  # a missing optional optimizer stops the run before the model loads
         rate = interval.read_rate(os.environ) if c.save_steps == interval.AUTO else None  # a bad one too (78)
         device_type = pick_device(c.device).type
         determinism.apply(determinism.settings_for(device_type, c.determinism))  # before CUDA starts
+        world = self.world = distributed.join(device_type)  # a world of one unless launched as a worker
+        self.scratch = distributed.scratch_for(self.scratch, world)
+        with world.local_first():
+            # Stale scratch from a killed attempt is never trusted; a folder that is not ours is refused.
+            prepare_work_dir(self.scratch, "work_dir" if c.work_dir else "cache_dir")
         log.info("determinism %s on %s: %s", c.determinism, device_type, determinism.guarantee(c.determinism, device_type))
         record = determinism.reproducibility_record(c.determinism, device_type, determinism.library_versions())
         torch.manual_seed(c.seed)
-        family, parts, params, data, steps = self._prepare()  # bad inputs fail before the output is touched
-        stream = data.stream
+        with world.local_first():  # local rank 0 fills the input caches, then the others read them
+            family, parts, params, data, steps = self._prepare()  # bad inputs fail before the output is touched
+        world.broadcast_params(params)
+        stream = world.shard(data.stream)
         c = self.config  # with the family's defaults: what is hashed, checked and backed up
         kinds = cache_kinds(c.cache_latents, c.cache_text_embeddings, family.cacheable(c))
-        attempt = self._retrying("resolving the attempt", lambda: resolve_attempt(self.store))
-        self._retrying("claiming the output", lambda: checkpoint.claim_attempt(self.store, attempt, *run_identity()))
+        attempt = 0
+        if world.is_main:  # rank 0 fences and claims for the world
+            attempt = self._retrying("resolving the attempt", lambda: resolve_attempt(self.store))
+            self._retrying("claiming the output", lambda: checkpoint.claim_attempt(self.store, attempt, *run_identity()))
+        attempt = world.broadcast_int(attempt)
         optimizer = make_optimizer(params, c)
         lr_scheduler = make_lr_scheduler(optimizer, c, steps)
         use_scaler = parts.device.type == "cuda" and c.mixed_precision == "fp16"
@@ -270,10 +280,13 @@ class Trainer:
         trained = family.trainable(parts, c)  # the modules whose LoRA weights a checkpoint holds
 
         step, resumed_from = 0, None
-        resumed = self._retrying(
-            "looking for checkpoints",
-            lambda: self._resume(lambda folder: state.load_state(folder, trained, optimizer, lr_scheduler, scaler), steps),
-        )
+        load = lambda folder: state.load_state(folder, trained, optimizer, lr_scheduler, scaler, world.rank)  # noqa: E731
+        resumed = None
+        if world.is_main:  # rank 0 picks the checkpoint; the others load the same step
+            resumed = self._retrying("looking for checkpoints", lambda: self._resume(load, steps))
+        chosen = world.broadcast_int(resumed[0].step if resumed else -1)
+        if not world.is_main and chosen >= 0:
+            resumed = self._retrying("loading the checkpoint", lambda: self._resume(load, steps, only=chosen))
         if resumed is not None:
             resumable, ts = resumed
             step, resumed_from = ts.step, ts.step
@@ -296,14 +309,18 @@ class Trainer:
         last_committed = resumed_from
         last_progress = 0.0
 
-        def snapshot(at: int) -> None:
+        def snapshot(at: int) -> Job | None:
             nonlocal last_committed
+            ranks = distributed.gather_rank_states(world, at, params)  # a collective: every rank
+            if not world.is_main:
+                last_committed = at
+                return
             folder = self.scratch / "checkpoints" / checkpoint.step_dir_name(at)
             ts = state.TrainerState(
                 step=at, epoch=stream.position.epoch, index=stream.position.index,
                 attempt=attempt, config_hash=self.hash, reproducibility=record,
             )
-            state.save_state(folder, ts, trained, optimizer, lr_scheduler, scaler)
+            state.save_state(folder, ts, trained, optimizer, lr_scheduler, scaler, ranks)
             loras = intermediate_files(family, parts, c, self.scratch, at)
             logs.flush()
 
@@ -313,7 +330,7 @@ class Trainer:
                 logs.upload()
                 for path, name in loras:
                     uploads.put_file(name, path)
-                commit_checkpoint(uploads, folder, at, attempt, self.hash, self.fields, c.keep_last)
+                commit_checkpoint(uploads, folder, at, attempt, self.hash, self.fields, c.keep_last, world.size)
                 shutil.rmtree(folder, ignore_errors=True)
 
             job = uploader.submit(f"checkpoint step {at}", commit)
@@ -333,17 +350,19 @@ class Trainer:
         # Where checkpoints fall (fixed, or auto: Young/Daly from the preemption rate); never what is trained.
         cadence = interval.Cadence.start(c.save_steps, c.min_save_steps, c.max_save_steps, step, time.monotonic(),
                                          attempt, rate)
+        stopping = False
         try:
             while step < steps:
-                if self.stop.requested:
+                if stopping := world.any(self.stop.requested):  # every rank stops after the same step
                     break
                 # exit 71 naming the settings to lower; exit 78 naming an op without a deterministic kernel
                 with oom_advice(c, step + 1, str(parts.device)), determinism.missing_kernel(step + 1, str(parts.device)):
-                    out = train_step(family, parts, c, stream, params, optimizer, lr_scheduler, scaler, step, self.cache)
+                    out = train_step(family, parts, c, stream, params, optimizer, lr_scheduler, scaler, step, self.cache,
+                                     world)
                 step += 1
                 result.losses[step] = out.loss
                 eval_loss = None
-                if data.eval_batches and (step == steps or (c.eval_steps and step % c.eval_steps == 0)):
+                if data.eval_batches and world.is_main and (step == steps or (c.eval_steps and step % c.eval_steps == 0)):
                     with determinism.missing_kernel(step, str(parts.device)):
                         eval_loss = evaluate(family, parts, c, data.eval_batches)
                 gpu = gpustats.sample(parts.device)  # None on the CPU: nothing added
@@ -351,14 +370,17 @@ class Trainer:
                 reporter.update(step, out.loss, tokens=out.tokens, note=gpustats.log_text(gpu))
                 # The last step is checkpointed too: a run can be extended (more steps) without
                 # losing its tail, and a pod lost while exporting resumes with nothing to redo.
-                if cadence.due(step, steps):
+                due = cadence.due(step, steps)
+                if cadence.auto:  # timed on each rank: rank 0's decision holds, every rank snapshots together
+                    due = bool(world.broadcast_int(int(due)))
+                if due:
                     began = time.monotonic()
-                    commit = snapshot(step)
-                    cadence.saved(step, began, time.monotonic(), commit.done)
+                    commit = snapshot(step)  # None on ranks > 0: rank 0 alone commits
+                    cadence.saved(step, began, time.monotonic(), commit.done if commit is not None else None)
                 if time.monotonic() - last_progress > PROGRESS_EVERY_SECONDS:
                     progress("running")
                     last_progress = time.monotonic()
-            if self.stop.requested and step < steps:
+            if stopping and step < steps:
                 self._preempt(step, last_committed, snapshot, progress, uploader, reporter)
             self._finish(family, parts, logs, uploader, uploads, progress, reporter)
         finally:
@@ -368,18 +390,24 @@ class Trainer:
             with contextlib.suppress(Exception):
                 uploader.close(timeout=0)
         result.step = step
+        world.close()
         return result
 
     def _resume(
-        self, load: Callable[[Path], state.TrainerState], steps: int
+        self, load: Callable[[Path], state.TrainerState], steps: int, only: int | None = None
     ) -> tuple[checkpoint.Resumable, state.TrainerState] | None:
-        """Load the newest checkpoint that verifies and loads; None if there are none at all.
+        """Load the newest checkpoint that verifies and loads (step `only`, the one rank 0 chose);
+        None if there are none at all.
 
         A state that fails to load, or names an impossible step, is skipped for the previous one
         (logged); ResumeRefused when checkpoints exist but none is usable."""
         problems: list[str] = []
         for found in checkpoint.resumable_checkpoints(self.store, self.scratch / "resume", problems):
+            if only is not None and found.step != only:
+                continue
             checkpoint.check_compatible(found.manifest, self.fields, allow=self.config.allow_config_change)
+            distributed.check_world_size(found.step, found.manifest.world_size, self.world.size,
+                                         self.config.allow_world_size_change)
             try:
                 ts = load(found.path)
             except state.StateInvalid as exc:
@@ -389,6 +417,9 @@ class Trainer:
                     return found, ts
             log.warning("checkpoint step %d is not usable: %s; trying the previous one", found.step, why)
             problems.append(f"step {found.step}: {why}")
+        if only is not None:  # never train on from another step than rank 0
+            raise ResumeRefused(f"checkpoint step {only}, which rank 0 resumes from, is not usable on rank "
+                                f"{self.world.rank} ({'; '.join(problems) or 'not found'})")
         if problems:
             raise ResumeRefused(checkpoint.refusal(self.store, problems))
         return None
@@ -402,6 +433,7 @@ class Trainer:
         progress("preempted")
         budget = self.stop.remaining(self.config.preemption_grace_seconds)
         committed = uploader.wait(timeout=budget)
+        self.world.barrier()  # the other ranks leave once rank 0 has committed (or given up)
         reporter.close()
         if committed:
             uri = None
@@ -417,7 +449,11 @@ class Trainer:
         )
 
     def _finish(self, family, parts, logs, uploader, uploads, progress, reporter) -> None:
-        """Export the final LoRA in the family's formats, upload everything and wait until durable."""
+        """Export the final LoRA in the family's formats, upload everything and wait until durable
+        (rank 0; the other ranks wait for it)."""
+        if not self.world.is_main:
+            self.world.barrier()
+            return
         final_dir = self.scratch / "final"
         final_dir.mkdir(parents=True, exist_ok=True)
         finals = family.export(parts, self.config, final_dir)
@@ -426,6 +462,7 @@ class Trainer:
         uploader.submit("logs", logs.upload, coalesce_key="logs")
         progress("finished")
         uploader.wait(timeout=None)
+        self.world.barrier()
         log.info("finished: final LoRA written to %s", self.config.output_dir)
 
 
