@@ -39,7 +39,7 @@ $(ENVTEST_DIR)/.unpacked: $(ENVTEST_ARCHIVE)
 	mkdir -p $(ENVTEST_DIR) && tar -xJf $< -C $(ENVTEST_DIR) && touch $@
 
 test: install envtest
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=25
 
 demo: install envtest
 	HF_HUB_OFFLINE=1 $(PY) -m lora_operator.demo
