@@ -51,7 +51,8 @@ lint: install
 	$(PY) -m ruff check .
 
 KILLS ?= 100
-chaos: install
+chaos: install envtest
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 	HF_HUB_OFFLINE=1 $(PY) -m tests.e2e.chaos --kills $(KILLS)
 
 bench: install

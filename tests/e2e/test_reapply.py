@@ -29,7 +29,9 @@ from tests.e2e.deadlines import FUNC_ONLY, set_deadline
 from tests.e2e.test_demo import SCENARIO_REFERENCES, Reference, reference
 
 __all__ = ["reference"]  # the fixture: the uninterrupted run
-pytestmark = FUNC_ONLY
+# `make chaos`, not `make test`: the operator's side of a re-apply (the fence continues across runs)
+# is in tests/integration/test_operations.py; this is the whole trainer run behind it.
+pytestmark = [FUNC_ONLY, pytest.mark.slow]
 
 
 @pytest.fixture(autouse=True)

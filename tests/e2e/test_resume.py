@@ -98,6 +98,7 @@ def wait_for(predicate, timeout: float, every: float = 0.05) -> None:
         time.sleep(every)
 
 
+@pytest.mark.slow  # a kill campaign: `make chaos` (the other tests here resume exactly after one kill each)
 def test_random_kills_resume_exactly(s3_env: S3Env, inputs, reference: Reference, tmp_path: Path) -> None:
     config = chaos_config(*inputs, s3_env.uri("chaos"), s3_env.s3, tmp_path / "cache")
     tally = chaos_run(config, child_env(s3_env), tmp_path, s3_env.s3, reference, kills=3, rng=random.Random(7))

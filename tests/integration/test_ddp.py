@@ -11,9 +11,9 @@ Behaviours tested:
 - a bad input with 2 processes: the launcher exits with the documented code of the rank that knew
   why (65, its one-line message), not the other rank's collective error (1) or death;
 - the same loop serves causal-lm: a packed text run of 2 processes stopped by SIGTERM resumes to
-  final adapter weights and losses equal to its uninterrupted 2-process run's; it checkpoints at
-  checkpoint.everySteps auto, where each rank times its own steps and rank 0's decision holds for
-  both (a rank snapshotting alone would wait for the other forever).
+  final adapter weights and losses equal to its uninterrupted 2-process run's (`make chaos` only).
+- the SIGTERM test runs at checkpoint.everySteps auto, where each rank times its own steps and rank
+  0's decision holds for both (a rank snapshotting alone would wait for the other forever).
 
 The reference is the session's 2-process run (tests/support/ddp.py); deadlines are multiples of it.
 """
@@ -61,7 +61,10 @@ def test_two_processes_train(ddp_reference: DdpReference) -> None:
 
 
 def test_sigterm_reaches_every_rank_and_resumes_exactly(ddp_reference: DdpReference, tmp_path: Path) -> None:
-    config = ddp_config(ddp_reference.model, ddp_reference.data, tmp_path / "out", tmp_path / "cache")
+    # At checkpoint.everySteps auto, where each rank times its own steps and rank 0's decision holds for
+    # both: the result must not depend on where checkpoints fell.
+    config = {**ddp_config(ddp_reference.model, ddp_reference.data, tmp_path / "out", tmp_path / "cache"),
+              "save_steps": "auto", "min_save_steps": 2, "max_save_steps": 3}
     env, ref = ddp_env(), ddp_reference.ref
     plan = KillPlan("step", signal.SIGTERM, step=3)
     first = run_attempt(config, env, tmp_path / "a1", plan=plan, draw=lambda plan, watch: None, timeout=ref.deadline(1))
@@ -107,6 +110,7 @@ def test_bad_input_exits_with_the_telling_rank_code(ddp_reference: DdpReference,
     assert "exits by rank {0: 65, 1: " in (tmp_path / "a1" / "trainer.log").read_text()  # 1: its error, or killed
 
 
+@pytest.mark.slow  # `make chaos`: the same loop as the SD tests above, which run by default
 def test_causal_lm_two_processes_resume_exactly(tmp_path: Path) -> None:
     model, data = build_tiny_llm(tmp_path / "model"), write_tiny_jsonl(tmp_path / "train.jsonl", "messages", 48, seed=1)
 
