@@ -184,7 +184,7 @@ class Target:
 
 
 @contextlib.contextmanager
-def open_target(name: str, tmp: Path) -> Iterator[Target]:
+def open_target(name: str, tmp: Path, profiling: bool = False) -> Iterator[Target]:
     """The emulator in a child process, or a throwaway real control plane with the product CRD."""
     kubeconfig = tmp / "kubeconfig"
     if name == "emulator":
@@ -199,7 +199,7 @@ def open_target(name: str, tmp: Path) -> Iterator[Target]:
     assets = assets_dir()
     if assets is None:
         raise SystemExit("--target real needs KUBEBUILDER_ASSETS (a folder with etcd and kube-apiserver)")
-    with ControlPlane(assets, tmp / "controlplane") as plane:
+    with ControlPlane(assets, tmp / "controlplane", profiling=profiling) as plane:
         with kubernetes.config.new_client_from_config(config_file=str(plane.kubeconfig)) as client:
             ext = kubernetes.client.ApiextensionsV1Api(client)
             for crd in (d for d in yaml.safe_load_all(CRD_FILE.read_text()) if d):
@@ -212,6 +212,13 @@ def open_target(name: str, tmp: Path) -> Iterator[Target]:
                     time.sleep(0.1)
         pids = {proc.name: proc.popen.pid for proc in getattr(plane, "_procs", [])}
         yield Target(name, plane.kubeconfig, pids, real=True)
+
+
+def apiserver_profile(client: kubernetes.client.ApiClient, path: Path, seconds: int) -> None:
+    """The apiserver's CPU profile (pprof) over `seconds` from now, saved to `path` (`go tool pprof`)."""
+    answer = client.rest_client.pool_manager.request(
+        "GET", f"{client.configuration.host}/debug/pprof/profile?seconds={seconds}", timeout=seconds + 30)
+    path.write_bytes(answer.data)
 
 
 def wait_for_default_service_account(core: kubernetes.client.CoreV1Api, timeout: float = 60) -> None:
@@ -230,11 +237,16 @@ def wait_for_default_service_account(core: kubernetes.client.CoreV1Api, timeout:
 def run(target_name: str, args: argparse.Namespace) -> dict[str, Any]:
     """One benchmark run against one target."""
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp_name, open_target(target_name, Path(tmp_name)) as target:
+    with tempfile.TemporaryDirectory() as tmp_name, \
+            open_target(target_name, Path(tmp_name), profiling=bool(args.apiserver_profile)) as target:
         operator = None
         try:
-            client = kubernetes.config.new_client_from_config(config_file=str(target.kubeconfig))
-            client.configuration.connection_pool_maxsize = 32
+            config = kubernetes.client.Configuration()
+            kubernetes.config.load_kube_config(config_file=str(target.kubeconfig), client_configuration=config)
+            # One kept-alive connection per creating thread: the pool is sized when the client is built,
+            # and a full pool drops connections, so each request beyond it paid a new TLS handshake.
+            config.connection_pool_maxsize = 32
+            client = kubernetes.client.ApiClient(config)
             core, custom = kubernetes.client.CoreV1Api(client), kubernetes.client.CustomObjectsApi(client)
             core.create_namespace({"metadata": {"name": NAMESPACE}})
             if target.real:
@@ -260,6 +272,13 @@ def run(target_name: str, args: argparse.Namespace) -> dict[str, Any]:
             names = [f"job-{i:04d}" for i in range(args.jobs)]
             created: dict[str, float] = {}
             requests_before = target.request_counts(client)
+            cpu_before = {"operator": process_cpu(operator.pid), "bench_client": process_cpu(os.getpid()),
+                          **{name: process_cpu(pid) for name, pid in target.pids.items()}}
+            profiler = None
+            if args.apiserver_profile and target.real:
+                profiler = threading.Thread(target=apiserver_profile, args=(client, Path(args.apiserver_profile),
+                                                                            args.apiserver_profile_seconds))
+                profiler.start()
             t0 = time.monotonic()
 
             def create(name: str) -> None:
@@ -267,7 +286,10 @@ def run(target_name: str, args: argparse.Namespace) -> dict[str, Any]:
                                                        _preload_content=False)
                 created[name] = time.monotonic()
 
-            with ThreadPoolExecutor(16) as pool:
+            def yield_cpu() -> None:  # Linux: a thread's own niceness (PRIO_PROCESS with its thread id)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), args.client_nice)
+
+            with ThreadPoolExecutor(16, initializer=yield_cpu if args.client_nice else None) as pool:
                 list(pool.map(create, names))
             t_created = time.monotonic() - t0
             deadline = t0 + args.timeout
@@ -283,6 +305,10 @@ def run(target_name: str, args: argparse.Namespace) -> dict[str, Any]:
             t_all_status = time.monotonic() - t0
             requests_burst = target.request_counts(client)
             cpu_burst = process_cpu(operator.pid)
+            cpu_in_burst = {"operator": cpu_burst, "bench_client": process_cpu(os.getpid()),
+                            **{name: process_cpu(pid) for name, pid in target.pids.items()}}
+            if profiler is not None:
+                profiler.join()
             time.sleep(args.rest)  # ticks at rest: no second pod may appear; count what a tick costs
             requests_rest = target.request_counts(client)
             cpu_rest = process_cpu(operator.pid) - cpu_burst
@@ -312,6 +338,8 @@ def run(target_name: str, args: argparse.Namespace) -> dict[str, Any]:
         "operator_peak_rss_mib": round(rss, 1),
         # Where the CPUs went (whole run, including start-up): the processes share them.
         "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
+        # From the first create until every status says attempt 1: what the burst itself cost.
+        "cpu_seconds_burst": {k: round(v - cpu_before[k], 1) for k, v in cpu_in_burst.items()},
         "operator_cpu_at_rest_s_per_s": round(cpu_rest / args.rest, 3) if args.rest else None,
         "api": "lora_operator.emulator (own process, 127.0.0.1)" if not target.real else
                "kube-apiserver + etcd + kube-controller-manager from KUBEBUILDER_ASSETS (127.0.0.1)",
@@ -340,6 +368,13 @@ def main() -> int:
     parser.add_argument("--profile", help="run the operator under cProfile, stats to this file")
     parser.add_argument("--operator-src", type=Path,
                         help="run lora_operator from this folder (e.g. WORKTREE/operator) instead of this checkout's")
+    parser.add_argument("--client-nice", type=int, default=0,
+                        help="niceness of the threads creating the jobs (the load generator): in a cluster the "
+                             "clients creating jobs run on other machines than the API server and the operator; "
+                             "0 lets them compete for the same cores")
+    parser.add_argument("--apiserver-profile", help="real target: the kube-apiserver's CPU profile during "
+                        "the burst, in pprof format, to this file")
+    parser.add_argument("--apiserver-profile-seconds", type=int, default=15)
     parser.add_argument("--serve-emulator", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_emulator:
@@ -355,6 +390,7 @@ def main() -> int:
                            capture_output=True, text=True)
     result = {
         "command": f"python bench/bench_operator_scale.py --jobs {args.jobs} --target {args.target}"
+                   + (f" --client-nice {args.client_nice}" if args.client_nice else "")
                    + (f" --operator-src {args.operator_src}" if args.operator_src else "")
                    + (f" --out {args.out}" if args.out else ""),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import importlib.util
 import logging
@@ -60,6 +61,17 @@ def _with_api_server(settings: Settings, kubeconfig: str | None) -> Settings:
     return settings.model_copy(update={"api_servers": [*settings.api_servers, host]})
 
 
+def _tune_gc() -> None:
+    """Fewer, cheaper cyclic garbage collections for a long-running server.
+
+    With Python's default gen-0 threshold (700 allocations) the collector ran about a thousand times
+    during a 500-job burst, 3 of the operator's 14 CPU-seconds (bench_operator_scale); the objects
+    loaded at start-up (modules, schemas, Kopf) are frozen out of every later collection."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 10)
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         settings = from_args(args)
@@ -77,6 +89,7 @@ def _run(args: argparse.Namespace) -> int:
         "standalone" if settings.standalone else f"{settings.peering} priority={peering_priority(settings)}",
         ",".join(settings.allowed_endpoints),
     )
+    _tune_gc()
     try:
         asyncio.run(run_operator(settings, kubeconfig=args.kubeconfig))
     except KeyboardInterrupt:

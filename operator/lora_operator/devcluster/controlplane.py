@@ -165,8 +165,9 @@ class _Proc:
 class ControlPlane:
     """etcd + kube-apiserver (+ kube-controller-manager) on free loopback ports, stopped on exit."""
 
-    def __init__(self, assets: Path, workdir: Path, port: int = 0) -> None:
+    def __init__(self, assets: Path, workdir: Path, port: int = 0, profiling: bool = False) -> None:
         self.assets = assets
+        self.profiling = profiling  # the apiserver's /debug/pprof (benchmarks: where its CPU goes)
         self.workdir = workdir
         self.pki = workdir / "pki"
         self.port = port  # 0: a free one
@@ -217,7 +218,7 @@ class ControlPlane:
             f"--client-ca-file={p / 'ca.crt'}", "--authorization-mode=Node,RBAC",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={p / 'sa.pub'}", f"--service-account-signing-key-file={p / 'sa.key'}",
-            "--service-cluster-ip-range=10.96.0.0/16", "--endpoint-reconciler-type=none", "--profiling=false"])
+            "--service-cluster-ip-range=10.96.0.0/16", "--endpoint-reconciler-type=none", f"--profiling={str(self.profiling).lower()}"])
         self._write_kubeconfig(self.kubeconfig, kubeconfig_document(
             self.url, p / "ca.crt", user="admin", cert=p / "admin.crt", key=p / "admin.key"))
         try:
