@@ -26,6 +26,8 @@ def deadline(request: pytest.FixtureRequest, ddp_reference: DdpReference) -> flo
     return set_deadline(request, ddp_reference.ref.deadline(2))
 
 
+@pytest.mark.slow  # `make chaos`: test_ddp's SIGTERM test resumes two processes exactly by default; this one
+# adds the launcher's SIGKILL taking its workers with it (and sd-2rank is in the chaos rotation)
 def test_sigkill_of_two_processes_resumes_exactly(ddp_reference: DdpReference, tmp_path: Path) -> None:
     config = ddp_config(ddp_reference.model, ddp_reference.data, tmp_path / "out", tmp_path / "cache")
     store = kill_after_first_commit_and_resume(config, ddp_env(), tmp_path, LOCAL, ddp_reference.ref)

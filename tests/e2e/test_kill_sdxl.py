@@ -70,6 +70,7 @@ def test_sigkill_after_first_commit_resumes_exactly(inputs, reference: Reference
     kill_after_first_commit_and_resume(config, base_env(), tmp_path, LOCAL, reference)
 
 
+@pytest.mark.slow  # `make chaos`: SIGTERM takes the same path in every family (test_resume runs it on SD by default)
 def test_sigterm_mid_run_commits_and_resumes_exactly(inputs, reference: Reference, tmp_path: Path) -> None:
     config = xl_run(*inputs, tmp_path / "out", tmp_path / "cache")
     # The grace budget (finish the step, then commit) scales with this machine's pace, as a pod's grace period
