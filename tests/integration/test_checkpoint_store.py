@@ -2,7 +2,9 @@
 
 - a committed checkpoint comes back byte for byte, with its manifest and latest.json
 - resume falls back past a truncated file, a missing MANIFEST and a flipped byte (logged)
-- folders that exist but none verify: ResumeRefused; no folders: a fresh start (None)
+- folders that exist but none verify: ResumeRefused; no folders: a fresh start (None); a first upload
+  cut short (a folder without MANIFEST, nothing ever committed): a fresh start too, logged, and refused
+  again once latest.json or another folder's MANIFEST says something was committed
 - retention deletes older folders only after a newer commit, MANIFEST first; intermediate LoRAs stay
 - fencing: a stale attempt cannot claim or commit, including when a newer claim lands mid-upload
 - a changed training config is refused, naming the fields, and allowed with the flag
@@ -73,6 +75,34 @@ def test_commit_then_resume_round_trips(store: Store, tmp_path: Path) -> None:
 def test_no_checkpoints_means_fresh_start(store: Store, tmp_path: Path) -> None:
     store.put_bytes(intermediate_weights_name(100), b"lora")  # not a resumable checkpoint
     assert find_resumable(store, tmp_path) is None
+
+
+def _first_upload_cut_short(store: Store, tmp: Path, step: int) -> None:
+    """The files of a first checkpoint, without its MANIFEST and latest.json (a SIGKILL mid-upload)."""
+    d = make_state(tmp, step)
+    for path in sorted(p for p in d.rglob("*") if p.is_file()):
+        store.put_bytes(f"{checkpoint.step_prefix(step)}/{path.relative_to(d).as_posix()}", path.read_bytes())
+
+
+def test_first_upload_cut_short_means_fresh_start(store: Store, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    claim_attempt(store, 1)
+    _first_upload_cut_short(store, tmp_path, 5)
+    with caplog.at_level(logging.WARNING, logger="lora_trainer.checkpoint"):
+        assert find_resumable(store, tmp_path / "resume") is None
+    assert "step 5" in caplog.text and "never committed" in caplog.text
+
+
+@pytest.mark.parametrize("committed", ["latest.json", "an older MANIFEST"])
+def test_uncommitted_folder_after_a_commit_still_refuses(s3_env: S3Env, store: Store, tmp_path: Path,
+                                                         committed: str) -> None:
+    do_commit(store, tmp_path, 5)
+    _flip_byte(s3_env, store, 5)  # the committed checkpoint no longer verifies
+    # Leave only the one sign that something was committed.
+    store.delete([f"{checkpoint.step_prefix(5)}/MANIFEST.json"] if committed == "latest.json" else [LATEST_FILE])
+    _first_upload_cut_short(store, tmp_path / "next", 10)
+    with pytest.raises(ResumeRefused, match=r"none verifies.*step 10: no MANIFEST"):
+        find_resumable(store, tmp_path / "resume")
 
 
 def _truncate(s3_env: S3Env, store: Store, step: int) -> None:

@@ -19,7 +19,10 @@ Commit protocol and what it guarantees:
    state loads, checked by the caller), falls back past corrupt, partial or unloadable ones
    (logged), and refuses (ResumeRefused) when folders exist but none is usable, instead of
    silently restarting at step 0. A latest.json naming a step whose folder is gone is a warning
-   when older checkpoints remain, and a refusal when none do.
+   when older checkpoints remain, and a refusal when none do. One exception: while nothing was
+   ever committed (no latest.json, no MANIFEST.json in any folder), a folder without a MANIFEST
+   is the first upload cut short (a SIGKILL mid-upload), not lost work: it is skipped (logged),
+   and the run starts at step 0, as the uninterrupted run did.
 4. Fencing: each attempt claims `attempts/<n>.json` at start. Before uploading, before the
    MANIFEST, before latest.json and before pruning, the committer re-reads the newest recorded
    attempt (claims, manifests, latest.json) and raises StaleAttempt if it is older.
@@ -451,7 +454,9 @@ def resumable_checkpoints(store: Store, dest_dir: Path, problems: list[str]) -> 
     finds a yielded one unusable too appends its reason and asks for the next."""
     infos = store.list_info(f"{CHECKPOINTS_DIR}/")
     groups = group_step_keys(infos)
-    pointed = _latest_step(store) if any(info.key == LATEST_FILE for info in infos) else None
+    has_latest = any(info.key == LATEST_FILE for info in infos)
+    pointed = _latest_step(store) if has_latest else None
+    ever_committed = has_latest or any(MANIFEST_FILE in files for files in groups.values())
     if pointed is not None and pointed not in groups:
         gone = f"latest.json names step {pointed}, whose folder {CHECKPOINTS_DIR}/step-{pointed:09d} is gone"
         problems.append(gone)
@@ -461,6 +466,10 @@ def resumable_checkpoints(store: Store, dest_dir: Path, problems: list[str]) -> 
         try:
             found = _verify(store, step, groups[step], dest_dir)
         except _Invalid as exc:
+            if not ever_committed and MANIFEST_FILE not in groups[step]:
+                log.warning("checkpoint step %d at %s was never committed (%s) and nothing else was: "
+                            "skipping it", step, store.url(step_prefix(step)), exc)
+                continue
             log.warning("checkpoint step %d at %s is not usable (%s); trying the previous one", step, store.url(step_prefix(step)), exc)
             problems.append(f"step {step}: {exc}")
             continue
