@@ -1,10 +1,12 @@
-"""kube.PriorityPool: the most urgent waiting API call goes first, then the oldest; results and
-errors reach the awaiting coroutine. Real threads and a real event loop, no API server needed."""
+"""kube.PriorityPool: the most urgent waiting API call goes first, then the oldest; a limited priority
+(status writes) never has more calls in flight than its slots, while others use every worker; results
+and errors reach the awaiting coroutine. Real threads and a real event loop, no API server needed."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -66,3 +68,29 @@ def test_a_cancelled_caller_does_not_break_the_pool() -> None:
             pool.close()
 
     assert asyncio.run(main()) == "still serving"
+
+
+def test_a_limited_priority_keeps_to_its_slots_and_others_do_not() -> None:
+    lock = threading.Lock()
+    running: dict[int, int] = {STATUS: 0, READ: 0}
+    most: dict[int, int] = {STATUS: 0, READ: 0}
+
+    def call(priority: int) -> None:
+        with lock:
+            running[priority] += 1
+            most[priority] = max(most[priority], running[priority])
+        time.sleep(0.05)
+        with lock:
+            running[priority] -= 1
+
+    async def main() -> None:
+        pool = PriorityPool(workers=8, limits={STATUS: 2})
+        try:
+            await asyncio.gather(*(pool.run(STATUS, lambda: call(STATUS)) for _ in range(8)))
+            await asyncio.gather(*(pool.run(READ, lambda: call(READ)) for _ in range(8)))
+        finally:
+            pool.close()
+
+    asyncio.run(main())
+    assert most[STATUS] == 2
+    assert most[READ] > 2  # 8 workers, 8 calls of 50 ms each: they overlap
