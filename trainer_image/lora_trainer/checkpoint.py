@@ -466,7 +466,7 @@ def resumable_checkpoints(store: Store, dest_dir: Path, problems: list[str]) -> 
         try:
             found = _verify(store, step, groups[step], dest_dir)
         except _Invalid as exc:
-            if not ever_committed and MANIFEST_FILE not in groups[step]:
+            if not ever_committed:  # then no folder has a MANIFEST: each is an upload cut short
                 log.warning("checkpoint step %d at %s was never committed (%s) and nothing else was: "
                             "skipping it", step, store.url(step_prefix(step)), exc)
                 continue
